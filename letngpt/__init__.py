@@ -1,0 +1,11 @@
+"""letngpt: distributed pretraining of LET-nGPT, nGPT and GPT on DeepSpeed."""
+
+from .config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from .flops import flops_per_token
+from .model import LETnGPT, build_model, normalize_weights_
+from .presets import get_config, list_configs
+
+__all__ = [
+    "ConfigError", "ModelConfig", "RunConfig", "TrainConfig", "LETnGPT", "build_model",
+    "normalize_weights_", "get_config", "list_configs", "flops_per_token",
+]

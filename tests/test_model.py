@@ -1,0 +1,218 @@
+"""Model correctness: causality, RoPE, sphere constraints, attention equivalences, sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import letngpt
+from letngpt.config import ModelConfig
+from letngpt.model import LinearEnsembleAttention, apply_rope, rope_tables, unit
+
+VARIANTS = {  # name -> (use_ngpt, num_maps)
+    "GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3), "LETNGPT_maps5": (True, 5),
+    "LETTransformer": (False, 3),
+}
+
+
+def small_cfg(use_ngpt: bool, num_maps: int, **kw) -> ModelConfig:
+    base = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=64,
+                num_maps=num_maps, use_ngpt=use_ngpt)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_causal(variant):
+    torch.manual_seed(0)
+    model = letngpt.build_model(small_cfg(*VARIANTS[variant])).double()
+    idx = torch.randint(0, 97, (2, 32))
+    logits, _ = model(idx)
+    for t in (0, 10, 30):
+        changed = idx.clone()
+        changed[:, t + 1:] = torch.randint(0, 97, changed[:, t + 1:].shape)
+        logits2, _ = model(changed)
+        assert torch.equal(logits[:, : t + 1], logits2[:, : t + 1]) or \
+            (logits[:, : t + 1] - logits2[:, : t + 1]).abs().max() < 1e-12
+        assert (logits[:, t + 1:] - logits2[:, t + 1:]).abs().max() > 1e-6  # later tokens did change
+
+
+def test_rope_is_a_rotation():
+    torch.manual_seed(0)
+    hd, T = 32, 50
+    cos, sin = rope_tables(T, hd, 10000.0, torch.device("cpu"))
+    x = torch.randn(3, T, 4, hd, dtype=torch.float64)
+    rotated = apply_rope(x, cos.double(), sin.double())
+    assert torch.allclose(rotated.norm(dim=-1), x.norm(dim=-1), atol=1e-12)
+    # q at position i and k at position j: the score depends on i - j only.
+    q, k = torch.randn(hd, dtype=torch.float64), torch.randn(hd, dtype=torch.float64)
+    qs = apply_rope(q.expand(1, T, 1, hd), cos.double(), sin.double())[0, :, 0]
+    ks = apply_rope(k.expand(1, T, 1, hd), cos.double(), sin.double())[0, :, 0]
+    for delta in (0, 3, 17):
+        scores = torch.stack([qs[i] @ ks[i - delta] for i in range(delta, T)])
+        assert scores.std() < 1e-5, delta  # the angle tables are fp32
+    assert abs(float(qs[5] @ ks[5] - qs[5] @ ks[2])) > 1e-6  # and it does depend on i - j
+
+
+@pytest.mark.parametrize("variant", ["nGPT", "LETNGPT"])
+def test_normalized_weights_and_hidden_states(variant):
+    torch.manual_seed(0)
+    model = letngpt.build_model(small_cfg(*VARIANTS[variant]))
+    with torch.no_grad():  # knock everything off the sphere, then project back
+        for p in model.parameters():
+            p.mul_(1.7)
+    letngpt.normalize_weights_(model)
+    params = dict(model.named_parameters())
+    axes = model.unit_norm_axes()
+    assert len(axes) == 2 + 7 * 2
+    for name, dim in axes.items():
+        norms = params[name].norm(dim=dim)
+        assert (norms - 1).abs().max() < 1e-6, name
+    states = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda mod, inp, out: states.append(out))
+    model(torch.randint(0, 97, (2, 32)))
+    assert len(states) == 2
+    for h in states:
+        assert (h.norm(dim=-1) - 1).abs().max() < 1e-5
+
+
+def test_gpt_has_nothing_to_normalize():
+    model = letngpt.build_model(small_cfg(False, 3))
+    assert model.unit_norm_axes() == {}
+
+
+def naive_attention(attn: LinearEnsembleAttention, x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Per-head, per-map loop with an explicit mask: the definition, written independently."""
+    B, T, _ = x.shape
+    m, hd = attn.num_maps, attn.head_dim
+    cos, sin = rope_tables(T, hd, 10000.0, x.device)
+    q = (x @ attn.query.weight.T).view(B, T, n_head, m, hd)
+    k = (x @ attn.key.weight.T).view(B, T, n_head, m, hd)
+    v = (x @ attn.value.weight.T).view(B, T, n_head, hd)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    heads = []
+    for h in range(n_head):
+        mixed = 0
+        for j in range(m):
+            qj = apply_rope(q[:, :, h, j][:, :, None], cos, sin)[:, :, 0]
+            kj = apply_rope(k[:, :, h, j][:, :, None], cos, sin)[:, :, 0]
+            if attn.use_ngpt:
+                s = attn.s_qk().view(n_head, m, hd)[h, j]
+                qj, kj = s * F.normalize(qj, dim=-1), s * F.normalize(kj, dim=-1)
+            scores = (qj @ kj.transpose(1, 2)) * attn.softmax_scale
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            weight = attn.ensemble_weights()[j] if m > 1 else 1.0
+            mixed = mixed + weight * (probs @ v[:, :, h])
+        if m > 1:
+            mixed = attn.head_norm(mixed)
+        heads.append(mixed)
+    return torch.cat(heads, dim=-1) @ attn.proj.weight.T
+
+
+@pytest.mark.parametrize("use_ngpt", [True, False])
+@pytest.mark.parametrize("num_maps", [1, 2, 3, 5])
+def test_fused_attention_equals_per_map_loop(use_ngpt, num_maps):
+    torch.manual_seed(0)
+    cfg = small_cfg(use_ngpt, num_maps, n_embd=64, n_head=4)
+    attn = LinearEnsembleAttention(cfg)
+    if use_ngpt:
+        with torch.no_grad():
+            attn.s_qk.weight.uniform_(0.05, 0.3)  # non-trivial per-dimension scales
+    x = torch.randn(2, 24, 64)
+    cos, sin = rope_tables(24, cfg.head_dim, cfg.rope_base, x.device)
+    fused = attn(x, cos, sin)
+    ref = naive_attention(attn, x, cfg.n_head)
+    assert (fused - ref).abs().max() < 1e-5
+
+
+def test_one_map_is_plain_attention():
+    torch.manual_seed(0)
+    cfg = small_cfg(False, 1, n_embd=64, n_head=4)
+    attn = LinearEnsembleAttention(cfg)
+    assert not hasattr(attn, "ensemble_logits") and not hasattr(attn, "head_norm")
+    x = torch.randn(2, 16, 64)
+    cos, sin = rope_tables(16, 16, 10000.0, x.device)
+    q = apply_rope((x @ attn.query.weight.T).view(2, 16, 4, 16), cos, sin).transpose(1, 2)
+    k = apply_rope((x @ attn.key.weight.T).view(2, 16, 4, 16), cos, sin).transpose(1, 2)
+    v = (x @ attn.value.weight.T).view(2, 16, 4, 16).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) / 4.0
+    scores = scores.masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), float("-inf"))
+    plain = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 16, 64) @ attn.proj.weight.T
+    assert (attn(x, cos, sin) - plain).abs().max() < 1e-5
+
+
+def test_ensemble_weights_start_signed_and_alternating():
+    attn = LinearEnsembleAttention(small_cfg(True, 4))
+    w = attn.ensemble_weights().detach()
+    assert w[0] > 0 and w[1] < 0 and w[2] > 0 and w[3] < 0 and w.sum() > 0
+
+
+def expected_param_count(c: ModelConfig) -> int:
+    d, L, V, M, hidden = c.n_embd, c.n_layer, c.vocab_size, c.num_maps, c.mlp_ratio * c.n_embd
+    per_layer = (2 * M + 2) * d * d + 3 * d * hidden
+    if c.use_ngpt:
+        per_layer += M * d + 2 * hidden + 2 * d  # s_qk, s_u and s_v, the two alphas
+    else:
+        per_layer += 2 * d  # two RMSNorm gains
+    if M > 1:
+        per_layer += M + 1 + c.head_dim  # r_m, s, head-norm gain
+    return L * per_layer + 2 * V * d + (V if c.use_ngpt else d)  # + s_z or the final norm
+
+
+@pytest.mark.parametrize("name", letngpt.list_configs())
+def test_presets_build_on_meta_with_closed_form_size(name):
+    cfg = letngpt.get_config(name).model
+    with torch.device("meta"):
+        model = letngpt.build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == expected_param_count(cfg)
+
+
+def test_ngpt_1k_size_matches_issue_formula():
+    cfg = letngpt.get_config("nGPT_1kctx_10k_lr30e-4").model
+    d = 1024
+    vectors = 24 * (d + 2 * 4 * d + 2 * d) + 50304
+    assert expected_param_count(cfg) == 24 * 16 * d * d + 2 * 50304 * d + vectors
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tiny_model_overfits_one_batch(variant):
+    torch.manual_seed(0)
+    use_ngpt, m = VARIANTS[variant]
+    model = letngpt.build_model(small_cfg(use_ngpt, m, n_layer=2, n_embd=64, block_size=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3 if use_ngpt else 1e-3, weight_decay=0.0)
+    idx = torch.randint(0, 97, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    first = None
+    for _ in range(200):
+        _, loss = model(x, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        letngpt.normalize_weights_(model)
+    assert first > 4.0  # about ln(97) = 4.57 at init
+    assert loss.item() < 0.25 * first, (first, loss.item())
+
+
+def test_flops_per_token_hand_count():
+    c = ModelConfig(vocab_size=100, block_size=8, n_layer=2, n_head=2, n_embd=4, num_maps=3)
+    # per layer: q,k 3*16 each, v 16, o 16, mlp 3*4*16 -> 128 + 192 = 320; lm_head 400.
+    matmul = 2 * 320 + 400
+    attention = 2 * 2 * (2 * 8 * 4 * 3)  # layers * (qk + pv) * (t * d * maps)
+    assert letngpt.flops_per_token(c) == 3 * (2 * matmul + attention)
+
+
+def test_unit_handles_zero_vectors():
+    out = unit(torch.zeros(3, 4))
+    assert torch.isfinite(out).all()
+
+
+def test_head_dim_with_three_maps_and_eight_heads():
+    cfg = letngpt.get_config("LETNGPT_1kctx_10k_lr30e-4").model
+    assert cfg.head_dim == 128 and cfg.num_maps == 3
+    attn_rows = cfg.n_head * cfg.num_maps * cfg.head_dim
+    assert attn_rows == 3 * 1024 and math.isclose(cfg.n_embd / cfg.n_head, 128)
