@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field, fields
 
 ATTN_BACKENDS = ("auto", "flash", "sdpa")
-INIT_FROM = ("scratch", "resume")
+INIT_FROM = ("auto", "scratch", "resume")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -87,7 +87,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_iters_per_launch: int = 0  # 0: no limit
     time_limit_seconds: float = 0.0  # 0: no limit; else save and exit cleanly before it
-    init_from: str = "scratch"
+    init_from: str = "auto"  # auto: resume when out_dir holds a checkpoint, else scratch
     seed: int = 1337
     data_dir: str = "data/tinyshakespeare"
     out_dir: str = "out"

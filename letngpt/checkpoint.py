@@ -1,0 +1,105 @@
+"""Checkpoints: DeepSpeed's sharded state plus ours, with a marker that is only ever
+written after every rank has finished saving.
+
+Layout under <out_dir>/checkpoints/:
+    step_00000100/            DeepSpeed files (model, per-rank optimizer shards)
+    step_00000100/letngpt_state.json   our state (step, tracking run id, config), readable by humans
+    latest_complete           the tag of the newest COMPLETE checkpoint
+
+A job killed mid-save leaves a half-written step_* folder, but `latest_complete` still
+names the previous checkpoint, and pruning never deletes the one it names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+MARKER = "latest_complete"
+STATE_FILE = "letngpt_state.json"
+_TAG = re.compile(r"^step_(\d{8,})$")
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(out_dir: str | Path) -> str | None:
+    """The newest complete checkpoint's tag, or None when there is none."""
+    root = checkpoint_dir(out_dir)
+    marker = root / MARKER
+    if not marker.is_file():
+        return None
+    tag = marker.read_text().strip()
+    if not _TAG.match(tag) or not (root / tag / STATE_FILE).is_file():
+        raise RuntimeError(f"checkpoint marker {marker} names {tag!r}, which is missing or incomplete")
+    return tag
+
+
+def read_state(out_dir: str | Path, tag: str | None = None) -> dict | None:
+    tag = tag or latest_tag(out_dir)
+    if tag is None:
+        return None
+    return json.loads((checkpoint_dir(out_dir) / tag / STATE_FILE).read_text())
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save(engine, out_dir: str | Path, step: int, state: dict, *, keep: int, is_main: bool) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    root = checkpoint_dir(out_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"letngpt": state}, save_latest=False)
+    _barrier()  # every rank's shard is on disk
+    if is_main:
+        atomic_write_text(root / tag / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
+        atomic_write_text(root / MARKER, tag)
+        prune(root, keep=keep, protect=tag)
+    _barrier()
+    return root / tag
+
+
+def prune(root: Path, *, keep: int, protect: str) -> None:
+    """Delete all but the newest `keep` complete checkpoints (never the protected one)."""
+    tags = sorted((p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)),
+                  key=lambda t: int(_TAG.match(t).group(1)))
+    complete = [t for t in tags if (root / t / STATE_FILE).is_file()]
+    protect_step = int(_TAG.match(protect).group(1))
+    for tag in complete[:-keep]:
+        if tag != protect:
+            shutil.rmtree(root / tag, ignore_errors=True)
+    for tag in tags:  # half-written leftovers older than the marker are garbage
+        if tag not in complete and int(_TAG.match(tag).group(1)) < protect_step:
+            shutil.rmtree(root / tag, ignore_errors=True)
+
+
+def load(engine, out_dir: str | Path) -> dict | None:
+    """Load the newest complete checkpoint into the engine; our state, or None if none exists."""
+    tag = latest_tag(out_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir(out_dir)), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir(out_dir) / tag}")
+    return client_state["letngpt"]

@@ -1,0 +1,98 @@
+"""Process-group set-up for every launcher: plain `python`, torchrun, the deepspeed
+launcher and SLURM's srun all end up here with RANK / WORLD_SIZE / LOCAL_RANK in the
+environment (or none of them, for a single process)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device={requested} but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def _skip_deepspeed_shm_op() -> None:
+    """DeepSpeed compiles a shared-memory all-reduce op the first time it wraps a CPU
+    process group (minutes on a fresh machine). It is only a fast path; gloo does the
+    same job, so on CPU we mark the op unavailable unless LETNGPT_DS_SHM=1."""
+    if os.environ.get("LETNGPT_DS_SHM") == "1":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(requested_device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and DeepSpeed's comm layer."""
+    if "RANK" not in os.environ:  # a single process: make it a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(requested_device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        _skip_deepspeed_shm_op()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def all_reduce_max(flag: bool | float, device: torch.device) -> float:
+    """Agree across ranks (stop signals, time limits): every rank gets the maximum."""
+    t = torch.tensor([float(flag)], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_reduce_mean(value: float, device: torch.device, group=None) -> float:
+    t = torch.tensor([float(value)], device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
+    return float(t.item())
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

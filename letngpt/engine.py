@@ -1,0 +1,88 @@
+"""The DeepSpeed engine: config merging, optimizer groups and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, TrainConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
+    if train.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, train.dtype)
+
+
+def per_rank_accumulation(train: TrainConfig, dp_size: int) -> int:
+    """gradient_accumulation_steps is the global total; each DP rank does its share."""
+    if train.gradient_accumulation_steps % dp_size:
+        raise ConfigError(f"gradient_accumulation_steps ({train.gradient_accumulation_steps}) must be divisible "
+                          f"by the data-parallel size ({dp_size})")
+    return train.gradient_accumulation_steps // dp_size
+
+
+def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype) -> dict:
+    """A ds_configs/ file (the ZeRO recipe) merged with what the run decides: batch sizes,
+    accumulation, clipping and precision. The run's values win, so one file serves every preset."""
+    path = Path(train.ds_config) if train.ds_config else DS_CONFIG_DIR / f"zero{train.zero_stage}.json"
+    if not path.is_file():
+        raise ConfigError(f"ds_config: no such file {path}")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    accum = per_rank_accumulation(train, dp_size)
+    cfg.update(
+        train_micro_batch_size_per_gpu=train.batch_size,
+        gradient_accumulation_steps=accum,
+        train_batch_size=train.batch_size * accum * dp_size,
+        gradient_clipping=train.grad_clip,
+        zero_allow_untested_optimizer=True,
+    )
+    cfg.setdefault("zero_optimization", {}).setdefault("stage", train.zero_stage)
+    cfg["bf16"] = {"enabled": dtype == torch.bfloat16}
+    cfg["fp16"] = {"enabled": dtype == torch.float16, "initial_scale_power": 16}
+    cfg.pop("optimizer", None)  # we pass our own torch AdamW (no C++ op to compile)
+    cfg.pop("scheduler", None)  # the schedule is ours: lr_at() below
+    return cfg
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; vectors (norm gains, nGPT scalings, ensemble weights) never."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, train: TrainConfig) -> float:
+    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters."""
+    if step < train.warmup_iters:
+        return train.learning_rate * (step + 1) / (train.warmup_iters + 1)
+    if step >= train.lr_decay_iters:
+        return train.min_lr
+    span = max(1, train.lr_decay_iters - train.warmup_iters)
+    ratio = (step - train.warmup_iters) / span
+    return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (train.learning_rate - train.min_lr)
+
+
+def build_engine(model: nn.Module, train: TrainConfig, dp_size: int, dtype: torch.dtype, mpu=None):
+    import deepspeed
+
+    ds_config = build_ds_config(train, dp_size, dtype)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate,
+                                  betas=(train.beta1, train.beta2), eps=1e-8, **fused)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    return engine, ds_config
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

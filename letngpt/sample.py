@@ -1,0 +1,105 @@
+"""Generate text from a checkpoint.
+
+    python -m letngpt.sample --ckpt out/tiny_LETNGPT --prompt "ROMEO:" --max_new_tokens 100
+
+`--ckpt` is a run's out_dir (its newest complete checkpoint is used) or a checkpoint folder.
+Weights are read on one process without DeepSpeed: ZeRO 0 checkpoints hold the full
+model; ZeRO 1-3 ones are consolidated with DeepSpeed's zero_to_fp32 reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import RunConfig
+from .model import LETnGPT, build_model
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints root, tag) for an out_dir, a checkpoints folder or a step_* folder."""
+    path = Path(path)
+    if (path / checkpoint.STATE_FILE).is_file():
+        return path.parent, path.name
+    for root in (checkpoint.checkpoint_dir(path), path):
+        marker = root / checkpoint.MARKER
+        if marker.is_file():
+            return root, marker.read_text().strip()
+    raise FileNotFoundError(f"no complete checkpoint under {path}")
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[LETnGPT, dict]:
+    root, tag = resolve_checkpoint(path)
+    folder = root / tag
+    import json
+
+    state = json.loads((folder / checkpoint.STATE_FILE).read_text())
+    run = RunConfig.from_dict(state["config"])
+    model = build_model(run.model)
+    if any(folder.glob("*optim_states.pt")) and run.train.zero_stage > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:
+        weights = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    model.load_state_dict(weights)
+    return model.to(device).eval(), state
+
+
+@torch.no_grad()
+def generate(model: LETnGPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Autoregressive sampling (no KV cache: clarity over speed for a checkpoint probe)."""
+    for _ in range(max_new_tokens):
+        context = idx[:, -model.config.block_size:]
+        logits, _ = model(context)
+        logits = logits[:, -1, :].float()
+        if temperature <= 0:
+            next_id = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_id = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        idx = torch.cat([idx, next_id], dim=1)
+    return idx
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="run out_dir or checkpoint folder")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tokenizer", default="gpt2")
+    p.add_argument("--print_token_count", action="store_true", help="end with 'generated N tokens'")
+    args = p.parse_args(argv)
+    try:
+        model, _ = load_model(args.ckpt, args.device)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .data.tokenizer import get_encoding
+
+    enc = get_encoding(args.tokenizer)
+    ids = enc.encode_ordinary(args.prompt) or [enc.eot_token]
+    idx = torch.tensor([ids], device=args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, gen)
+    new = [t for t in out[0, len(ids):].tolist() if t < enc.n_vocab]
+    print(args.prompt + enc.decode(new))
+    if args.print_token_count:
+        print(f"generated {out.shape[1] - len(ids)} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Shared fixtures: a small byte-level dataset and launchers for real multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SHAKESPEARE = SHARED / "tinyshakespeare.txt"
+
+# A model small enough that a 2-rank DeepSpeed step takes milliseconds on CPU.
+TINY = ["--vocab_size=256", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4",
+        "--gradient_accumulation_steps=2", "--eval_interval=10", "--eval_iters=2", "--log_interval=1",
+        "--learning_rate=3e-3", "--checkpoint_interval=1000", "--track_interval=5"]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+               TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken")))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_train(args: list[str], *, nproc: int = 1, script: str = "train.py", timeout: float = 300,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` for one process, `torchrun --nproc_per_node N` for several."""
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / script), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / script), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def byte_data(tmp_path_factory) -> Path:
+    """Tiny Shakespeare as raw bytes (vocab 256): learnable, and no 50k-wide lm_head to pay for."""
+    from letngpt.data.prepare import write_dataset
+
+    text = SHAKESPEARE.read_bytes()[:300_000]
+    tokens = np.frombuffer(text, dtype=np.uint8).astype(np.uint16)
+    n_train = int(len(tokens) * 0.9)
+    out = tmp_path_factory.mktemp("bytes")
+    meta = {"tokenizer": "bytes", "vocab_size": 256, "dtype": "uint16", "source": {"type": "test bytes"}}
+    write_dataset(out, {"train": ([tokens[:n_train]], n_train), "val": ([tokens[n_train:]], len(tokens) - n_train)},
+                  meta)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shakespeare_gpt2(tmp_path_factory) -> Path:
+    """Tiny Shakespeare tokenised with the GPT-2 encoding, as the default run prepares it."""
+    from letngpt.data.prepare import ensure_tinyshakespeare
+
+    return ensure_tinyshakespeare(tmp_path_factory.mktemp("shakespeare") / "tinyshakespeare")
