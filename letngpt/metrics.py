@@ -55,8 +55,16 @@ def plain_grad_norm(engine) -> float | None:
     the gradients sit, already all-reduced, on the module's parameters before the step."""
     if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
         return None
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    mpu = engine.mpu
+    tp_rank = mpu.get_model_parallel_rank() if mpu else 0
+    total = torch.zeros((), dtype=torch.float64)
+    for p in engine.module.parameters():
+        # Under TP: shards count on every rank, replicated tensors once (on TP rank 0).
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    if mpu and mpu.get_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(total, group=mpu.get_model_parallel_group())
+    return float(total.sqrt())
 
 
 @torch.no_grad()

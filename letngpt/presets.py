@@ -36,10 +36,10 @@ def _tiny(*, use_ngpt: bool, num_maps: int) -> RunConfig:
                         num_maps=num_maps, use_ngpt=use_ngpt)
     # Same recipe split as the big presets, with a learning rate suited to the size.
     train = TrainConfig(
-        learning_rate=3e-3 if use_ngpt else 1e-3, min_lr=0.0, max_iters=300, lr_decay_iters=300,
-        weight_decay=0.0 if use_ngpt else 0.1, warmup_iters=0 if use_ngpt else 30,
-        batch_size=8, gradient_accumulation_steps=2, grad_clip=1.0,
-        eval_interval=100, eval_iters=10, log_interval=10, checkpoint_interval=100,
+        learning_rate=3e-3 if use_ngpt else 1e-3, min_lr=0.0, max_iters=200, lr_decay_iters=200,
+        weight_decay=0.0 if use_ngpt else 0.1, warmup_iters=0 if use_ngpt else 20,
+        batch_size=8, gradient_accumulation_steps=1, grad_clip=1.0,
+        eval_interval=50, eval_iters=5, log_interval=10, checkpoint_interval=100,
         data_dir="data/tinyshakespeare", zero_stage=0,
     )
     return RunConfig(model=model, train=train)

@@ -46,8 +46,7 @@ def renormalize_engine_weights_(engine) -> None:
         normed = unit(master.float(), dim=dim)
         safe_set_full_fp32_param(p, normed)
         if hasattr(p, "ds_id"):  # ZeRO-3: the compute weight is partitioned too
-            with _zero3_params_context([p]):
-                if torch.distributed.get_rank() == 0:  # modifier_rank: its copy is broadcast
-                    p.data.copy_(normed.to(p.dtype))
+            with _zero3_params_context([p]):  # every rank holds `normed`; the modifier's copy is kept
+                p.data.copy_(normed.to(p.dtype))
         else:
             p.data.copy_(normed.to(p.dtype))

@@ -80,9 +80,17 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
     t = run.train
     info = init_distributed(t.device)
     setup_logging(info.is_main)
-    if t.tp != 1:
-        raise ConfigError(f"tp ({t.tp}) > 1 needs tensor parallelism, which is not built yet")
+    if info.world_size % t.tp:
+        raise ConfigError(f"tp ({t.tp}) must divide the number of processes ({info.world_size})")
+    mpu = None
     dp_rank, dp_size = info.rank, info.world_size
+    if t.tp > 1:  # ranks t.tp apart form the data-parallel groups; TP ranks are adjacent
+        from .parallel.tensor_parallel import MegatronMPU, check_tp_layout, initialize_tp
+
+        check_tp_layout(run.model, t.tp)
+        initialize_tp(t.tp)
+        mpu = MegatronMPU()
+        dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
     accum = per_rank_accumulation(t, dp_size)
     out_dir = Path(t.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,9 +106,14 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
         raise ConfigError(f"init_from=resume but {out_dir} holds no complete checkpoint")
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = build_model(run.model).to(info.device)
+    model = build_model(run.model)  # the full model on every rank: TP shards are cut from it
+    if t.tp > 1:
+        from .parallel.tensor_parallel import parallelize_tp
+
+        model = parallelize_tp(model, t.tp)
+    model = model.to(info.device)
     dtype = resolve_dtype(t, info.device)
-    engine, ds_config = build_engine(model, t, dp_size, dtype)
+    engine, ds_config = build_engine(model, t, dp_size, dtype, mpu=mpu)
     state = checkpoint.load(engine, out_dir) if tag else None
     step = state["step"] if state else 0
     wall_before = state.get("wall_time", 0.0) if state else 0.0
@@ -114,7 +127,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
                       experiment=t.experiment, run_name=run.name)
     tracker.start(run_id=state.get("tracking_run_id") if state else None,
                   params={"config": run.to_dict(), "ds": ds_config},
-                  tags={"preset": run.name, "world_size": info.world_size, "dp_size": dp_size,
+                  tags={"preset": run.name, "world_size": info.world_size, "dp_size": dp_size, "tp": t.tp,
                         "device": info.device.type, "git_commit": git_commit() or "unknown"})
 
     stop = StopFlag()
@@ -198,7 +211,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
         "final_step": step, "stop_reason": stop_reason, "train_loss": last.get("train/loss"),
         "val_loss": val_loss, "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"),
         "wall_time_s": wall_before + time.time() - launch_start, "tracking_run_id": tracker.run_id,
-        "preset": run.name, "world_size": info.world_size,
+        "preset": run.name, "world_size": info.world_size, "tp": t.tp, "dp": dp_size,
     }
     if info.is_main:
         checkpoint.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))

@@ -1,0 +1,1 @@
+"""Parallelism for LET-nGPT: tensor parallelism (tensor_parallel) and collective renormalisation (renorm)."""

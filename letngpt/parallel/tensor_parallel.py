@@ -1,0 +1,215 @@
+"""Tensor parallelism with megatron-core, applied to a finished model in ONE place.
+
+`parallelize_tp(model, tp)` swaps the model's layers for megatron-core's and keeps this
+rank's shard of every weight, copied from the full model, so a TP run starts from exactly
+the weights a TP=1 run with the same seed starts from. The layout:
+
+    column-parallel (split by output rows): attn.query / attn.key (rows [head, map, hd]:
+        a split by heads keeps every map of a head on one rank), attn.value, mlp.fc_u,
+        mlp.fc_v (separate u and v: the SwiGLU pairs stay local), lm_head (by vocabulary)
+    row-parallel (split by input columns): attn.proj, mlp.proj
+    vocab-parallel: wte, and the loss (vocab_parallel_cross_entropy)
+    sharded vectors follow their matrices: s_qk by heads, s_u / s_v with the MLP, s_z by vocab
+    replicated: alphas, norm gains, ensemble weights r_m and s, the head-norm gain. The last
+        three only see this rank's heads, so their gradients are summed over the TP group.
+
+Every nGPT-normalised axis is the embedding axis, which this layout never shards, so
+renormalisation needs no TP communication (letngpt.parallel.renorm checks this).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import ConfigError, ModelConfig
+from ..model import LETnGPT, ScaledVector
+
+
+def initialize_tp(tp: int) -> None:
+    """Build megatron-core's TP x DP process groups (TP ranks are adjacent, as within a node)."""
+    from megatron.core import parallel_state
+
+    world = dist.get_world_size()
+    if world % tp:
+        raise ValueError(f"tp ({tp}) must divide the world size ({world})")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+
+
+class MegatronMPU:
+    """The `mpu` DeepSpeed expects, over megatron-core's parallel_state (which names things
+    differently), so ZeRO partitions and reduces over the data-parallel group only."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self.ps = parallel_state
+
+    def get_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+
+def _megatron_config(dtype: torch.dtype):
+    from megatron.core import ModelParallelConfig
+    from megatron.core.parallel_state import get_tensor_model_parallel_world_size
+
+    # Weights come from the full model, so megatron must not initialise (or touch CUDA) itself.
+    return ModelParallelConfig(tensor_model_parallel_size=get_tensor_model_parallel_world_size(),
+                               use_cpu_initialization=True, perform_initialization=False,
+                               gradient_accumulation_fusion=False, params_dtype=dtype)
+
+
+def _mark_sharded(p: nn.Parameter, dim: int) -> None:
+    """Tag a shard the way megatron does (DeepSpeed's grad-norm and our gathers read it);
+    megatron itself skips this when it does not initialise the weight."""
+    p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
+
+
+def _tp_rank_size() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def _column(linear: nn.Linear, config) -> nn.Module:
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    class Column(ColumnParallelLinear):
+        def forward(self, x):  # megatron returns (output, bias)
+            return super().forward(x)[0]
+
+    rank, size = _tp_rank_size()
+    layer = Column(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_, bias=False)
+    layer.weight.data.copy_(linear.weight.data.chunk(size, dim=0)[rank])
+    _mark_sharded(layer.weight, 0)
+    return layer
+
+
+def _row(linear: nn.Linear, config) -> nn.Module:
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    class Row(RowParallelLinear):
+        def forward(self, x):
+            return super().forward(x)[0]
+
+    rank, size = _tp_rank_size()
+    layer = Row(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_, bias=False,
+                input_is_parallel=True, skip_bias_add=False)
+    layer.weight.data.copy_(linear.weight.data.chunk(size, dim=1)[rank])
+    _mark_sharded(layer.weight, 1)
+    return layer
+
+
+def _vocab_embedding(emb: nn.Embedding, config) -> nn.Module:
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    rank, size = _tp_rank_size()
+    layer = VocabParallelEmbedding(emb.num_embeddings, emb.embedding_dim, init_method=nn.init.zeros_, config=config)
+    layer.weight.data.copy_(emb.weight.data.chunk(size, dim=0)[rank])
+    _mark_sharded(layer.weight, 0)
+    return layer
+
+
+def _shard_vector_(vec: ScaledVector) -> None:
+    rank, size = _tp_rank_size()
+    vec.weight = nn.Parameter(vec.weight.data.chunk(size)[rank].clone())
+    _mark_sharded(vec.weight, 0)
+
+
+def _sum_grad_over_tp(param: nn.Parameter) -> None:
+    from megatron.core.parallel_state import get_tensor_model_parallel_group
+
+    group = get_tensor_model_parallel_group()
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    param.register_hook(hook)
+
+
+def _vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    # megatron's kernel works in place on its input: never hand it the logits we return.
+    logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    return vocab_parallel_cross_entropy(logits, targets).mean()
+
+
+def check_tp_layout(cfg: ModelConfig, tp: int) -> None:
+    """Heads, vocabulary and MLP width are split evenly, or not at all."""
+    for name, value in (("n_head", cfg.n_head), ("vocab_size", cfg.vocab_size),
+                        ("mlp hidden size", cfg.mlp_ratio * cfg.n_embd)):
+        if value % tp:
+            raise ConfigError(f"{name} ({value}) must be divisible by tp ({tp})")
+
+
+def parallelize_tp(model: LETnGPT, tp: int) -> LETnGPT:
+    """Shard `model` in place for this rank's TP group (initialize_tp must have run)."""
+    cfg = model.config
+    check_tp_layout(cfg, tp)
+    if tp == 1:
+        return model
+    config = _megatron_config(next(model.parameters()).dtype)
+    model.wte = _vocab_embedding(model.wte, config)
+    model.lm_head = _column(model.lm_head, config)
+    if cfg.use_ngpt:
+        _shard_vector_(model.s_z)
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        attn.query, attn.key, attn.value = (_column(attn.query, config), _column(attn.key, config),
+                                            _column(attn.value, config))
+        attn.proj = _row(attn.proj, config)
+        mlp.fc_u, mlp.fc_v, mlp.proj = _column(mlp.fc_u, config), _column(mlp.fc_v, config), _row(mlp.proj, config)
+        if cfg.use_ngpt:
+            for vec in (attn.s_qk, mlp.s_u, mlp.s_v):
+                _shard_vector_(vec)
+        if attn.num_maps > 1:
+            for p in (attn.ensemble_logits, attn.ensemble_scale, attn.head_norm.weight):
+                _sum_grad_over_tp(p)
+    model.loss = _vocab_parallel_loss  # logits are split by vocabulary
+    return model
+
+
+def is_tp_sharded(p: nn.Parameter) -> bool:
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
+def gather_tp_param(p: nn.Parameter, name: str) -> torch.Tensor:
+    """The full tensor of a TP-sharded parameter (tests, checkpoints for sampling)."""
+    from megatron.core.parallel_state import get_tensor_model_parallel_group, get_tensor_model_parallel_world_size
+
+    if not is_tp_sharded(p):
+        return p.detach()
+    size = get_tensor_model_parallel_world_size()
+    parts = [torch.empty_like(p) for _ in range(size)]
+    dist.all_gather(parts, p.detach().contiguous(), group=get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=getattr(p, "partition_dim", 0))

@@ -1,0 +1,72 @@
+"""Under torchrun with N ranks: TP=N vs TP=1 for every variant, from the same weights.
+Writes the worst logits / loss / gradient differences to the JSON file given as argv[1]."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from letngpt.config import ModelConfig  # noqa: E402
+from letngpt.distributed import init_distributed  # noqa: E402
+from letngpt.model import build_model  # noqa: E402
+from letngpt.parallel.tensor_parallel import gather_tp_param, initialize_tp, parallelize_tp  # noqa: E402
+
+VARIANTS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3), "LETNGPT_maps5": (True, 5),
+            "LETTransformer": (False, 3)}
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    from megatron.core.parallel_state import get_tensor_model_parallel_group, get_tensor_model_parallel_world_size
+
+    parts = [torch.empty_like(logits) for _ in range(get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, logits.contiguous(), group=get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def main() -> None:
+    init_distributed("cpu")
+    tp = dist.get_world_size()
+    initialize_tp(tp)
+    report = {}
+    for name, (use_ngpt, maps) in VARIANTS.items():
+        cfg = ModelConfig(vocab_size=128, block_size=32, n_layer=2, n_head=4, n_embd=64, num_maps=maps,
+                          use_ngpt=use_ngpt)
+        torch.manual_seed(0)
+        full = build_model(cfg)
+        sharded = parallelize_tp(copy.deepcopy(full), tp)
+        idx = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+        tgt = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(2))
+        ref_logits, ref_loss = full(idx, tgt)
+        ref_loss.backward()
+        logits, loss = sharded(idx, tgt)
+        loss.backward()
+        ref_params = dict(full.named_parameters())
+        grad_err, weight_err = 0.0, 0.0
+        for pname, p in sharded.named_parameters():
+            ref = ref_params[pname]
+            weight_err = max(weight_err, float((gather_tp_param(p, pname) - ref).abs().max()))
+            g = p.grad
+            g.tensor_model_parallel = getattr(p, "tensor_model_parallel", False)
+            g.partition_dim = getattr(p, "partition_dim", 0)
+            full_grad = gather_tp_param(g, pname)
+            grad_err = max(grad_err, float((full_grad - ref.grad).abs().max()))
+        report[name] = {
+            "logits": float((gather_vocab(logits) - ref_logits).abs().max()),
+            "loss": abs(float(loss) - float(ref_loss)),
+            "grad": grad_err, "weights": weight_err,
+            "local_q_rows": sharded.blocks[0].attn.query.weight.shape[0],
+        }
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps({"tp": tp, "report": report}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
