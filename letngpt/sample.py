@@ -39,6 +39,9 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[LETnGPT, dict]:
 
     state = json.loads((folder / checkpoint.STATE_FILE).read_text())
     run = RunConfig.from_dict(state["config"])
+    if (folder / "mp_rank_01_model_states.pt").exists():
+        raise FileNotFoundError(f"{folder} was saved with tensor parallelism (tp={run.train.tp}); "
+                                "sampling reads tp=1 checkpoints only for now")
     model = build_model(run.model)
     if any(folder.glob("*optim_states.pt")) and run.train.zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -169,3 +169,34 @@ def test_sample_cli_with_gpt2_tokens_from_zero3_checkpoint(shakespeare_gpt2, tmp
     check_ok(proc)
     assert any(line.startswith("ROMEO:") for line in proc.stdout.splitlines())  # DeepSpeed also logs here
     assert proc.stdout.strip().splitlines()[-1] == "generated 9 tokens"
+
+
+def test_mlflow_holds_params_and_loss_history(reference_run):
+    from mlflow import MlflowClient
+
+    run_id = json.loads((reference_run / "summary.json").read_text())["tracking_run_id"]
+    client = MlflowClient(f"sqlite:///{reference_run}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["config.model.num_maps"] == "3" and run.data.params["ds.zero_optimization.stage"] == "0"
+    assert run.data.tags["preset"] == "tiny_LETNGPT"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, 16))
+    ours = [m["train/loss"] for m in read_metrics(reference_run)]
+    assert [m.value for m in history] == pytest.approx(ours)
+    assert any(k.startswith("ensemble/layer0/w") for k in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"run_config.json", "summary.json"} <= artifacts
+
+
+def test_unreachable_tracking_server_does_not_stop_training(byte_data, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_train(tiny(byte_data, tmp_path, "--max_iters=3", f"--tracking_uri=http://127.0.0.1:{port}"))
+    check_ok(proc)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_step"] == 3 and summary["tracking_run_id"] is None
+    assert "tracking" in proc.stdout + proc.stderr  # the one warning
