@@ -97,6 +97,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     tp: int = 1
+    renorm: str = "collective"  # collective: one all-reduce of row norms; naive: gather whole matrices
     tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI or a local store in out_dir
     experiment: str = "letngpt"
     track_interval: int = 50  # how often ensemble coefficients / alphas are logged
@@ -122,6 +123,7 @@ class TrainConfig:
             _check(0 <= value < 1, f"{name} ({value}) must be in [0, 1)")
         _check(self.init_from in INIT_FROM, f"init_from ({self.init_from!r}) must be one of {INIT_FROM}")
         _check(self.zero_stage in (0, 1, 2, 3), f"zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
+        _check(self.renorm in ("collective", "naive"), f"renorm ({self.renorm!r}) must be collective or naive")
         _check(self.dtype in DTYPES, f"dtype ({self.dtype!r}) must be one of {', '.join(DTYPES)}")
 
 

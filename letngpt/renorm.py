@@ -3,9 +3,14 @@
 Under ZeRO the optimizer updates fp32 master copies (flat partitions spread over the
 data-parallel ranks) and copies them into the model's weights at the NEXT step, so
 normalising only `model.parameters()` is silently undone (DeepSpeed issue 2424). This is
-the simple, correct method: gather each full fp32 master tensor, normalise it, write back
-this rank's fragment of the master AND the compute weight. Its cost is one gather per
-matrix; letngpt.parallel replaces it with a single all-reduce of row norms.
+the simple method: gather each full fp32 master tensor, normalise it, write back this
+rank's fragment of the master AND the compute weight. Its cost is one gather per matrix;
+the trainer uses letngpt.parallel.renorm (a single all-reduce of row norms) and keeps this
+one (`--renorm=naive`) as the reference the tests compare against.
+
+Limit: at ZeRO 0 with bf16/fp16 DeepSpeed's FP16_UnfusedOptimizer keeps fp32 masters that
+safe_get_full_fp32_param cannot see, so this method normalises only the compute weights
+there; the collective method handles that case.
 """
 
 from __future__ import annotations

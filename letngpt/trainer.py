@@ -25,6 +25,7 @@ from .distributed import DistInfo, all_reduce_max, all_reduce_mean, init_distrib
 from .engine import build_engine, lr_at, per_rank_accumulation, resolve_dtype, set_lr
 from .metrics import StepTimer, memory_mb, mfu, model_stats, plain_grad_norm
 from .model import build_model
+from .parallel.renorm import collective_renormalize_
 from .renorm import renormalize_engine_weights_
 from .tracking import Tracker, git_commit
 
@@ -113,6 +114,8 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
         model = parallelize_tp(model, t.tp)
     model = model.to(info.device)
     dtype = resolve_dtype(t, info.device)
+    if t.renorm == "naive" and run.model.use_ngpt and t.zero_stage == 0 and dtype != torch.float32:
+        raise ConfigError("renorm=naive cannot reach the fp32 masters at ZeRO 0 with bf16/fp16; use renorm=collective")
     engine, ds_config = build_engine(model, t, dp_size, dtype, mpu=mpu)
     state = checkpoint.load(engine, out_dir) if tag else None
     step = state["step"] if state else 0
@@ -130,6 +133,8 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
                   tags={"preset": run.name, "world_size": info.world_size, "dp_size": dp_size, "tp": t.tp,
                         "device": info.device.type, "git_commit": git_commit() or "unknown"})
 
+    renormalize = collective_renormalize_ if t.renorm == "collective" else renormalize_engine_weights_
+    renorm_bytes = 0
     stop = StopFlag()
     tokens_per_step = t.batch_size * run.model.block_size * accum * dp_size
     timer = StepTimer()
@@ -158,7 +163,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
             engine.step()
             loss_sum += loss.item()
         if engine.was_step_applied():
-            renormalize_engine_weights_(engine)
+            renorm_bytes = renormalize(engine)
         step += 1
         if on_step is not None:
             on_step(engine, step)
@@ -170,7 +175,8 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
             grad_norm = local_grad_norm if grad_norm is None else grad_norm
             tok_s = tokens_per_step / step_time
             last = {"train/loss": train_loss, "lr": lr, "grad_norm": float(grad_norm or 0.0),
-                    "tokens_per_s": tok_s, "step_time_s": step_time, "memory_mb": memory_mb(info.device)}
+                    "tokens_per_s": tok_s, "step_time_s": step_time, "memory_mb": memory_mb(info.device),
+                    "renorm_bytes": float(renorm_bytes or 0)}
             util = mfu(run.model, tok_s, info.world_size, info.device, t.peak_tflops)
             if util is not None:
                 last["mfu"] = util

@@ -1,0 +1,197 @@
+"""Collective vs naive renormalisation under DeepSpeed ZeRO: time as a share of a training step,
+and bytes communicated, from ONE run on CPU ranks (gloo).
+
+    torchrun --standalone --nproc_per_node 2 bench/renorm.py            # ZeRO 1, 2, 3; ~1 min on 2 cores
+    torchrun --standalone --nproc_per_node 2 bench/renorm.py --stages 3 --n_layer 8 --out out/bench/renorm.json
+
+Each timed step is: forward + backward + engine.step() (the "step"), then the collective method
+(letngpt.parallel.renorm.collective_renormalize_), then the naive one (letngpt.renorm: gather every
+full fp32 matrix, normalise, write back), each phase between barriers so that it is timed as the
+slowest rank sees it. Both methods leave the same weights, so running both every step changes
+nothing but time. Bytes are counted by wrapping torch.distributed's collectives (and DeepSpeed's
+cached all-gather / reduce-scatter) during each method: the payload of each call (the reduced
+tensor, the gathered output, the broadcast tensor), per rank. Medians over the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# collective name -> the argument holding its full payload
+_PAYLOAD_ARG = {
+    "all_reduce": "tensor", "broadcast": "tensor", "reduce": "tensor", "all_reduce_coalesced": "tensors",
+    "all_gather": "tensor_list", "all_gather_into_tensor": "output_tensor", "_all_gather_base": "output_tensor",
+    "reduce_scatter": "input_list", "reduce_scatter_tensor": "input", "_reduce_scatter_base": "input",
+    "all_to_all_single": "input",
+}
+
+
+class CommCounter:
+    """Within `with CommCounter() as c:`, c.bytes is the payload of every collective this rank
+    issues over a group of more than one rank, and c.calls lists (name, bytes) per call."""
+
+    def __init__(self) -> None:
+        self.bytes, self.calls, self._undo, self._depth = 0, [], [], 0
+
+    def _wrap(self, name: str, fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            outer = self._depth == 0
+            self._depth += 1
+            try:
+                if outer:
+                    bound = sig.bind_partial(*args, **kwargs).arguments
+                    if dist.get_world_size(bound.get("group")) > 1:
+                        payload = bound[_PAYLOAD_ARG[name]]
+                        tensors = payload if isinstance(payload, (list, tuple)) else [payload]
+                        n = sum(t.numel() * t.element_size() for t in tensors)
+                        self.bytes += n
+                        self.calls.append((name, n))
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return counted
+
+    def _patch(self, owner, attr: str, name: str) -> None:
+        fn = getattr(owner, attr, None)
+        if fn is not None:
+            setattr(owner, attr, self._wrap(name, fn))
+            self._undo.append((owner, attr, fn))
+
+    def __enter__(self) -> CommCounter:
+        for name in _PAYLOAD_ARG:
+            for owner in (dist, dist.distributed_c10d):
+                self._patch(owner, name, name)
+        cdb = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)  # DeepSpeed caches these two
+        if cdb is not None:
+            self._patch(cdb, "all_gather_function", "all_gather_into_tensor")
+            self._patch(cdb, "reduce_scatter_function", "reduce_scatter_tensor")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, fn in reversed(self._undo):
+            setattr(owner, attr, fn)
+        self._undo.clear()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stages", default="1,2,3", help="ZeRO stages, comma separated")
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--n_embd", type=int, default=256)
+    p.add_argument("--n_head", type=int, default=4)
+    p.add_argument("--num_maps", type=int, default=3)
+    p.add_argument("--vocab_size", type=int, default=2048)
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per stage")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default="", help="optional JSON path (written by rank 0)")
+    return p.parse_args(argv)
+
+
+def _timed(fn) -> tuple[float, object]:
+    dist.barrier()
+    t0 = time.perf_counter()
+    result = fn()
+    dist.barrier()
+    return time.perf_counter() - t0, result
+
+
+def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
+    from letngpt.config import ModelConfig, TrainConfig
+    from letngpt.engine import build_engine
+    from letngpt.model import build_model
+    from letngpt.parallel.renorm import collective_renormalize_
+    from letngpt.renorm import renormalize_engine_weights_
+
+    cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                      n_embd=args.n_embd, n_head=args.n_head, num_maps=args.num_maps, use_ngpt=True)
+    train = TrainConfig(zero_stage=stage, batch_size=args.batch_size, gradient_accumulation_steps=dp_size,
+                        learning_rate=1e-3, dtype="float32", device="cpu")
+    torch.manual_seed(0)
+    engine, _ = build_engine(build_model(cfg), train, dp_size, torch.float32)
+    gen = torch.Generator().manual_seed(dist.get_rank())
+
+    def step():
+        x = torch.randint(cfg.vocab_size, (args.batch_size, cfg.block_size + 1), generator=gen)
+        _, loss = engine(x[:, :-1], x[:, 1:])
+        engine.backward(loss)
+        engine.step()
+
+    def counted(method):
+        with CommCounter() as c:
+            method(engine)
+        return c.bytes
+
+    rows = {"step": [], "collective": [], "naive": []}
+    nbytes = {}
+    for i in range(args.warmup + args.steps):
+        t_step, _ = _timed(step)
+        t_coll, nbytes["collective"] = _timed(lambda: counted(collective_renormalize_))
+        t_naive, nbytes["naive"] = _timed(lambda: counted(renormalize_engine_weights_))
+        if i >= args.warmup:
+            for key, t in (("step", t_step), ("collective", t_coll), ("naive", t_naive)):
+                rows[key].append(t)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    return {"stage": stage, "step_s": med["step"], "collective_s": med["collective"], "naive_s": med["naive"],
+            "collective_frac": med["collective"] / med["step"], "naive_frac": med["naive"] / med["step"],
+            "time_ratio_naive_over_collective": med["naive"] / med["collective"],
+            "collective_bytes": nbytes["collective"], "naive_bytes": nbytes["naive"],
+            "bytes_ratio_naive_over_collective": nbytes["naive"] / max(1, nbytes["collective"]),
+            "n_params": n_params}
+
+
+def table(results: list[dict]) -> str:
+    head = ("ZeRO", "step ms", "coll ms", "coll %step", "naive ms", "naive %step", "naive/coll time",
+            "coll bytes", "naive bytes", "naive/coll bytes")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in results:
+        lines.append(" | ".join([
+            str(r["stage"]), f"{r['step_s'] * 1e3:.1f}", f"{r['collective_s'] * 1e3:.2f}",
+            f"{r['collective_frac']:.2%}", f"{r['naive_s'] * 1e3:.2f}", f"{r['naive_frac']:.2%}",
+            f"{r['time_ratio_naive_over_collective']:.1f}x", f"{r['collective_bytes']:,}", f"{r['naive_bytes']:,}",
+            f"{r['bytes_ratio_naive_over_collective']:.0f}x"]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    sys.path.insert(0, str(ROOT))
+    from letngpt.distributed import init_distributed
+
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    results = [bench_stage(int(s), args, info.world_size) for s in args.stages.split(",")]
+    if info.is_main:
+        model = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "num_maps", "vocab_size",
+                                                 "block_size", "batch_size")}
+        print(f"\nrenormalisation, {info.world_size} CPU ranks (gloo, fp32), {results[0]['n_params']:,} params, "
+              f"{model}, median of {args.steps} steps\n")
+        print(table(results))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"world_size": info.world_size, "model": model,
+                                                  "results": results}, indent=2))
+    dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Collective renormalisation: nGPT's weight projection done where DeepSpeed keeps the weights.
+
+After every applied optimizer step each nGPT matrix must have unit-norm rows (axis 1) or
+columns (axis 0); `LETnGPT.unit_norm_axes()` says which. Under ZeRO the fp32 master weights
+are flat partitions spread over the data-parallel (DP) ranks, cut wherever the partition size
+falls, often in the middle of a row. Instead of gathering whole matrices (letngpt.renorm),
+every rank
+
+1. computes, for each normalised matrix, the partial sums of squares of its rows (or columns)
+   over the elements it holds: one vector per matrix, zero where this rank holds nothing;
+2. concatenates these vectors into ONE fp32 buffer and all-reduces it (SUM) over the DP group:
+   now every rank knows every row's full norm, for 4 bytes per normalised row on the wire;
+3. divides its own fp32 master elements by their rows' norms and refreshes the compute weights:
+   ZeRO 1/2 keep the full compute weights on every rank, so each rank rescales them with the
+   same norms (no further communication); ZeRO 3 copies the rescaled master partition into the
+   compute partition `param.ds_tensor` and rescales any full copy currently gathered (the
+   "persistent" small parameters).
+
+ZeRO 0 needs no communication: every rank holds whole matrices (the weights themselves in
+fp32; a full fp32 master copy under DeepSpeed's fp16/bf16 optimizer). All norms are in fp32.
+
+Call it on every rank after every applied step: `collective_renormalize_(engine)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..model import normalize_weights_, unit
+
+EPS = 1e-12  # the clamp letngpt.model.unit applies to a norm
+
+
+@dataclass
+class _Target:
+    name: str
+    param: nn.Parameter
+    dim: int  # the normalised axis
+    shape: tuple[int, int]  # full shape (ds_shape under ZeRO 3)
+    span: slice  # this matrix's norms in the shared buffer: rows if dim == 1, columns if dim == 0
+
+
+def check_normalized_axis(name: str, shape: tuple[int, ...], dim: int, n_embd: int, tp_dim: int | None = None) -> None:
+    """The checked assumption: every normalised axis is the embedding axis, whole on this rank.
+
+    Megatron-style tensor parallelism shards rows of column-parallel / vocab-parallel weights
+    and columns of row-parallel ones, never the embedding axis, so a rank's (TP shard of a)
+    matrix holds complete rows to normalise. A layout that sharded the normalised axis would
+    need the partial sums all-reduced over the TP group as well; we refuse it instead."""
+    if len(shape) != 2 or shape[dim] != n_embd or tp_dim == dim:
+        raise ValueError(f"{name}: normalised axis {dim} of shape {tuple(shape)} is not the whole embedding axis "
+                         f"(n_embd={n_embd}{', sharded by tensor parallelism' if tp_dim == dim else ''}); "
+                         "collective renormalisation would need an extra all-reduce over the TP group")
+
+
+def _targets(model: nn.Module) -> list[_Target]:
+    params, n_embd = dict(model.named_parameters()), model.config.n_embd
+    targets, offset = [], 0
+    for name, dim in model.unit_norm_axes().items():
+        p = params[name]
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        tp_dim = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None
+        check_normalized_axis(name, shape, dim, n_embd, tp_dim)
+        n = shape[1 - dim]
+        targets.append(_Target(name, p, dim, shape, slice(offset, offset + n)))
+        offset += n
+    return targets
+
+
+def _blocks(flat: torch.Tensor, start: int, t: _Target) -> Iterator[tuple[torch.Tensor, slice]]:
+    """Cut a flat fragment holding elements [start, start + numel) of the row-major matrix into
+    at most three 2-D views (a partial first row, whole rows, a partial last row); yield each
+    with the norms it touches (its rows if dim == 1, its columns if dim == 0)."""
+    cols, offset, numel = t.shape[1], 0, flat.numel()
+    while offset < numel:
+        row, col = divmod(start + offset, cols)
+        n_rows, width = (1, min(cols - col, numel - offset)) if col or numel - offset < cols \
+            else ((numel - offset) // cols, cols)
+        block = flat.narrow(0, offset, n_rows * width).view(n_rows, width)
+        yield block, slice(row, row + n_rows) if t.dim == 1 else slice(col, col + width)
+        offset += n_rows * width
+
+
+def _add_square_sums_(sums: torch.Tensor, flat: torch.Tensor, start: int, t: _Target) -> None:
+    for block, idx in _blocks(flat, start, t):
+        sums[idx] += torch.linalg.vector_norm(block, dim=t.dim, dtype=torch.float32).square().to(sums.device)
+
+
+def _divide_(flat: torch.Tensor, start: int, t: _Target, norms: torch.Tensor) -> None:
+    for block, idx in _blocks(flat, start, t):
+        block.div_(norms[idx].to(block.device).unsqueeze(t.dim))
+
+
+def _rescale_full_(p: torch.Tensor, t: _Target, norms: torch.Tensor) -> None:
+    """Divide a full (compute) copy by the all-reduced norms, in fp32. A bf16 copy is rounded
+    twice (it was the master rounded to bf16): within one bf16 ulp of the re-cast master, and
+    DeepSpeed overwrites it from the master at the next step, so the error never accumulates."""
+    norms = norms.to(p.device).unsqueeze(t.dim)
+    if p.dtype == torch.float32:
+        p.div_(norms)
+    else:
+        p.copy_((p.float() / norms).to(p.dtype))
+
+
+def _all_reduce_norms(sums: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """THE communication: one SUM all-reduce of every row's partial sum of squares."""
+    nbytes = 0
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        nbytes = sums.numel() * sums.element_size()
+    return sums.sqrt_().clamp_min_(EPS), nbytes
+
+
+def _check_partition_group(group, groups: list) -> None:
+    """Every matrix must be partitioned over `group` (not e.g. an expert-parallel group)."""
+    ranks = dist.get_process_group_ranks(group)
+    for g in {id(g): g for g in groups}.values():
+        if g is not group and dist.get_process_group_ranks(g) != ranks:
+            raise ValueError(f"a normalised matrix is partitioned over ranks {dist.get_process_group_ranks(g)}, "
+                             f"not over the data-parallel group {ranks}")
+
+
+def _renorm_fragments(targets: list[_Target], group, device: torch.device) -> int:
+    """ZeRO 1/2 and DeepSpeed's BF16_Optimizer: `p._hp_mapping` (deepspeed/utils/tensor_fragment.py)
+    maps this rank's fp32 fragment `hp_fragment` to elements [start, start + numel) of p."""
+    _check_partition_group(group, [t.param._dp_group for t in targets])
+    sums = torch.zeros(targets[-1].span.stop, dtype=torch.float32, device=device)
+    for t in targets:
+        if (frag := t.param._hp_mapping) is not None:  # None: no element of p in this partition
+            _add_square_sums_(sums[t.span], frag.hp_fragment, frag.lp_fragment_address.start, t)
+    norms, nbytes = _all_reduce_norms(sums, group)
+    for t in targets:
+        if (frag := t.param._hp_mapping) is not None:
+            _divide_(frag.hp_fragment, frag.lp_fragment_address.start, t, norms[t.span])
+        # Every rank holds the full compute weight (equal to the master before this call in fp32),
+        # so the same division gives the same result as the master, bit for bit.
+        _rescale_full_(t.param.data, t, norms[t.span])
+    return nbytes
+
+
+def _zero3_partition(optimizer, p: nn.Parameter) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(fp32 master elements, compute elements, flat start) of this rank's partition of p.
+    Rank r of the param's group holds elements [r * partition_numel, ...) of the flattened
+    param; the last partitions are zero-padded, so only the first `numel` elements are p's."""
+    master, _ = optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=False)
+    size = p.partition_numel()
+    start = dist.get_rank(group=p.ds_process_group) * size
+    numel = max(0, min(size, p.ds_numel - start))
+    return master.narrow(0, 0, numel), p.ds_tensor.view(-1).narrow(0, 0, numel), start
+
+
+def _renorm_zero3(engine, targets: list[_Target], group, device: torch.device) -> int:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    optimizer = engine.optimizer
+    if getattr(optimizer, "swap_optimizer", False) or getattr(optimizer, "params_in_nvme_and_cpu", False):
+        raise NotImplementedError("collective renormalisation does not support ZeRO-3 NVMe offload")
+    _check_partition_group(group, [t.param.ds_process_group for t in targets])
+    parts = [_zero3_partition(optimizer, t.param) for t in targets]
+    sums = torch.zeros(targets[-1].span.stop, dtype=torch.float32, device=device)
+    for t, (master, _, start) in zip(targets, parts, strict=True):
+        _add_square_sums_(sums[t.span], master, start, t)
+    norms, nbytes = _all_reduce_norms(sums, group)
+    for t, (master, compute, start) in zip(targets, parts, strict=True):
+        _divide_(master, start, t, norms[t.span])
+        if compute.data_ptr() != master.data_ptr():  # in fp32 without offload they are one tensor
+            compute.copy_(master)
+        if t.param.ds_status == ZeroParamStatus.AVAILABLE:  # a gathered full copy (persistent params)
+            _rescale_full_(t.param.data, t, norms[t.span])
+    return nbytes
+
+
+def full_fp32_masters(optimizer) -> dict[int, torch.Tensor]:
+    """ZeRO 0 under DeepSpeed's fp16/bf16 optimizers, which keep a full fp32 master of every param
+    on every rank: id(param) -> master. FP16_UnfusedOptimizer (any torch optimizer) keeps one
+    tensor per param in `fp32_groups`; FP16_Optimizer (FusedAdam) one flat tensor per group."""
+    masters = {}
+    for i, params in enumerate(optimizer.fp16_groups):
+        if hasattr(optimizer, "fp32_groups_flat"):
+            group = optimizer.fp32_groups_flat[i].split([p.numel() for p in params])
+        else:
+            group = optimizer.fp32_groups[i]
+        masters.update((id(p), m.view_as(p)) for p, m in zip(params, group, strict=True))
+    return masters
+
+
+def _renorm_full_masters(optimizer, targets: list[_Target]) -> int:
+    masters = full_fp32_masters(optimizer)
+    for t in targets:
+        master = masters[id(t.param)]
+        master.copy_(unit(master, dim=t.dim))
+        t.param.data.copy_(master.to(t.param.dtype))
+    return 0
+
+
+@torch.no_grad()
+def collective_renormalize_(engine, dp_group=None) -> int:
+    """Project every nGPT matrix onto the unit sphere where DeepSpeed keeps it, after an applied
+    optimizer step, at any ZeRO stage (method: module docstring). Collective under ZeRO 1-3:
+    every rank of the DP group must call it. `dp_group` defaults to the group the engine's
+    optimizer partitions over (under tensor parallelism the data-parallel subgroup, not WORLD).
+    Returns the bytes this rank sent into collectives (the all-reduce payload), 0 at ZeRO 0."""
+    targets = _targets(engine.module)
+    if not targets:
+        return 0
+    if dp_group is None:
+        dp_group = getattr(engine.optimizer, "dp_process_group", None)
+    if dp_group is None:
+        dp_group = engine.seq_data_parallel_group  # DeepSpeed's ZeRO optimizers partition over this group
+    device = engine.device
+    if engine.zero_optimization_stage() == 3:
+        return _renorm_zero3(engine, targets, dp_group, device)
+    if hasattr(targets[0].param, "_hp_mapping"):
+        return _renorm_fragments(targets, dp_group, device)
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        normalize_weights_(engine.module)  # the optimizer updates the weights themselves
+        return 0
+    if hasattr(engine.optimizer, "fp16_groups"):
+        return _renorm_full_masters(engine.optimizer, targets)
+    raise NotImplementedError(f"collective renormalisation: unknown optimizer {type(engine.optimizer).__name__}")
