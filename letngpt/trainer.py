@@ -79,6 +79,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
     """Run (or resume) a job to completion or a clean stop; returns the summary.
     `on_step(engine, step)` is called after every optimizer step (tests, instruments)."""
     t = run.train
+    stop = StopFlag()  # first: a SIGUSR1 that arrives during start-up must not be lost
     info = init_distributed(t.device)
     setup_logging(info.is_main)
     if info.world_size % t.tp:
@@ -135,7 +136,6 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
 
     renormalize = collective_renormalize_ if t.renorm == "collective" else renormalize_engine_weights_
     renorm_bytes = 0
-    stop = StopFlag()
     tokens_per_step = t.batch_size * run.model.block_size * accum * dp_size
     timer = StepTimer()
     launch_start, start_step = time.time(), step

