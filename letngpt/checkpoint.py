@@ -92,14 +92,44 @@ def prune(root: Path, *, keep: int, protect: str) -> None:
     for tag in tags:  # half-written leftovers older than the marker are garbage
         if tag not in complete and int(_TAG.match(tag).group(1)) < protect_step:
             shutil.rmtree(root / tag, ignore_errors=True)
+    for universal in root.glob("step_*_universal"):  # conversions outlive nothing they came from
+        if not (root / universal.name.removesuffix("_universal")).is_dir():
+            shutil.rmtree(universal, ignore_errors=True)
 
 
-def load(engine, out_dir: str | Path) -> dict | None:
-    """Load the newest complete checkpoint into the engine; our state, or None if none exists."""
-    tag = latest_tag(out_dir)
+def load(engine, out_dir: str | Path, tag: str | None = None) -> dict | None:
+    """Load a checkpoint (default: the newest complete one) into the engine; returns our
+    state, or None when there is no checkpoint."""
+    tag = tag or latest_tag(out_dir)
     if tag is None:
         return None
     path, client_state = engine.load_checkpoint(str(checkpoint_dir(out_dir)), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir(out_dir) / tag}")
     return client_state["letngpt"]
+
+
+def universal_tag(tag: str) -> str:
+    return f"{tag}_universal"
+
+
+def convert_to_universal(out_dir: str | Path, tag: str, *, is_main: bool) -> str:
+    """DeepSpeed universal checkpoint of `tag` (collective: rank 0 converts, all wait), so a
+    ZeRO-1/2 run can resume at another data-parallel size. Returns the universal tag."""
+    root = checkpoint_dir(out_dir)
+    target = universal_tag(tag)
+    if is_main and not (root / target / "zero").is_dir():
+        import argparse
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = root / f"{target}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds_to_universal(argparse.Namespace(  # the CLI's arguments, defaults as in DeepSpeed 0.19
+            input_folder=str(root / tag), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=True))
+        shutil.rmtree(root / target, ignore_errors=True)
+        os.replace(tmp, root / target)  # complete, or absent
+        (root / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's marker; ours is latest_complete
+    _barrier()
+    return target

@@ -100,6 +100,7 @@ class TrainConfig:
     renorm: str = "collective"  # collective: one all-reduce of row norms; naive: gather whole matrices
     tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI or a local store in out_dir
     experiment: str = "letngpt"
+    parent_run_id: str = ""  # MLflow parent run (sweeps and comparisons group their runs under one)
     track_interval: int = 50  # how often ensemble coefficients / alphas are logged
     peak_tflops: float = 0.0  # 0: look up the GPU; for MFU
 

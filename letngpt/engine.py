@@ -28,7 +28,7 @@ def per_rank_accumulation(train: TrainConfig, dp_size: int) -> int:
     return train.gradient_accumulation_steps // dp_size
 
 
-def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype) -> dict:
+def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype, load_universal: bool = False) -> dict:
     """A ds_configs/ file (the ZeRO recipe) merged with what the run decides: batch sizes,
     accumulation, clipping and precision. The run's values win, so one file serves every preset."""
     path = Path(train.ds_config) if train.ds_config else DS_CONFIG_DIR / f"zero{train.zero_stage}.json"
@@ -51,6 +51,8 @@ def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype) -> dic
     cfg["fp16"] = {"enabled": dtype == torch.float16, "initial_scale_power": 16}
     cfg.pop("optimizer", None)  # we pass our own torch AdamW (no C++ op to compile)
     cfg.pop("scheduler", None)  # the schedule is ours: lr_at() below
+    if load_universal:
+        cfg.setdefault("checkpoint", {})["load_universal"] = True
     return cfg
 
 
@@ -72,10 +74,11 @@ def lr_at(step: int, train: TrainConfig) -> float:
     return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (train.learning_rate - train.min_lr)
 
 
-def build_engine(model: nn.Module, train: TrainConfig, dp_size: int, dtype: torch.dtype, mpu=None):
+def build_engine(model: nn.Module, train: TrainConfig, dp_size: int, dtype: torch.dtype, mpu=None,
+                 load_universal: bool = False):
     import deepspeed
 
-    ds_config = build_ds_config(train, dp_size, dtype)
+    ds_config = build_ds_config(train, dp_size, dtype, load_universal)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate,
                                   betas=(train.beta1, train.beta2), eps=1e-8, **fused)

@@ -117,8 +117,17 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
     dtype = resolve_dtype(t, info.device)
     if t.renorm == "naive" and run.model.use_ngpt and t.zero_stage == 0 and dtype != torch.float32:
         raise ConfigError("renorm=naive cannot reach the fp32 masters at ZeRO 0 with bf16/fp16; use renorm=collective")
-    engine, ds_config = build_engine(model, t, dp_size, dtype, mpu=mpu)
-    state = checkpoint.load(engine, out_dir) if tag else None
+    saved = checkpoint.read_state(out_dir, tag) if tag else None
+    load_tag, reshard = tag, bool(saved) and saved.get("dp_size", dp_size) != dp_size
+    if reshard:  # a different data-parallel size: go through DeepSpeed's universal checkpoint
+        if t.zero_stage not in (1, 2) or t.tp != 1 or saved.get("tp", 1) != 1:
+            raise ConfigError(f"checkpoint {tag} was saved at data-parallel size {saved['dp_size']}; resuming at "
+                              f"{dp_size} works at ZeRO 1 or 2 without tensor parallelism")
+        log.info("checkpoint %s has data-parallel size %d, this run %d: converting to a universal checkpoint",
+                 tag, saved["dp_size"], dp_size)
+        load_tag = checkpoint.convert_to_universal(out_dir, tag, is_main=info.is_main)
+    engine, ds_config = build_engine(model, t, dp_size, dtype, mpu=mpu, load_universal=reshard)
+    state = checkpoint.load(engine, out_dir, tag=load_tag) if tag else None
     step = state["step"] if state else 0
     wall_before = state.get("wall_time", 0.0) if state else 0.0
     if state:
@@ -132,7 +141,8 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
     tracker.start(run_id=state.get("tracking_run_id") if state else None,
                   params={"config": run.to_dict(), "ds": ds_config},
                   tags={"preset": run.name, "world_size": info.world_size, "dp_size": dp_size, "tp": t.tp,
-                        "device": info.device.type, "git_commit": git_commit() or "unknown"})
+                        "device": info.device.type, "git_commit": git_commit() or "unknown",
+                        **({"mlflow.parentRunId": t.parent_run_id} if t.parent_run_id else {})})
 
     renormalize = collective_renormalize_ if t.renorm == "collective" else renormalize_engine_weights_
     renorm_bytes = 0
@@ -202,6 +212,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
             save_start = time.time()
             checkpoint.save(engine, out_dir, step, {
                 "step": step, "tracking_run_id": tracker.run_id, "config": run.to_dict(),
+                "dp_size": dp_size, "tp": t.tp, "zero_stage": engine.zero_optimization_stage(),
                 "wall_time": wall_before + time.time() - launch_start,
             }, keep=t.keep_checkpoints, is_main=info.is_main)
             timer.save_time = time.time() - save_start

@@ -200,3 +200,18 @@ def test_unreachable_tracking_server_does_not_stop_training(byte_data, tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final_step"] == 3 and summary["tracking_run_id"] is None
     assert "tracking" in proc.stdout + proc.stderr  # the one warning
+
+
+@pytest.mark.parametrize(("stage", "before", "after"), [(1, 2, 1), (2, 1, 2)])
+def test_resume_at_another_data_parallel_size(stage, before, after, byte_data, reference_run, tmp_path):
+    """ZeRO-1/2 checkpoints go through DeepSpeed's universal format when the DP size changes;
+    the global batch is layout-invariant, so the losses continue as if nothing happened."""
+    common = ["--max_iters=12", f"--zero_stage={stage}"]
+    check_ok(run_train(tiny(byte_data, tmp_path, *common, "--max_iters_per_launch=6"), nproc=before))
+    check_ok(run_train(tiny(byte_data, tmp_path, *common), nproc=after))
+    state = checkpoint.read_state(tmp_path)
+    assert (state["step"], state["dp_size"]) == (12, after)
+    assert (checkpoint.checkpoint_dir(tmp_path) / "step_00000006_universal" / "zero").is_dir()
+    losses = [m["train/loss"] for m in read_metrics(tmp_path)]
+    ref = [m["train/loss"] for m in read_metrics(reference_run)][:12]
+    assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) < 1e-5

@@ -1,0 +1,29 @@
+"""Peak memory of ONE variant in a fresh process: `python -m bench.memprobe '<json request>'`.
+
+Called by bench.common.memory_in_subprocess; prints one JSON line (bench.common.probe_memory).
+The request: {"config": ModelConfig fields, "batch_size", "device", "dtype", "steps", "threads"}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from bench.common import DTYPE_NAMES, probe_memory, setup_threads
+from letngpt.config import ModelConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    req = json.loads(argv[0])
+    device = torch.device(req["device"])
+    setup_threads(req.get("threads") or 0, device)
+    result = probe_memory(ModelConfig(**req["config"]), req["batch_size"], device, DTYPE_NAMES[req["dtype"]],
+                          steps=req.get("steps", 2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
