@@ -49,17 +49,17 @@ def test_torchrun_tp2_matches_one_process(byte_data, single_process, tmp_path):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_tp2_dp2_matches_and_stays_on_the_sphere(stage, byte_data, single_process, tmp_path):
-    proc = run_train(tiny(byte_data, tmp_path, "--max_iters=12", "--tp=2", f"--zero_stage={stage}"), nproc=4,
+    proc = run_train(tiny(byte_data, tmp_path, "--max_iters=20", "--tp=2", f"--zero_stage={stage}"), nproc=4,
                      script="tests/workers/train_with_checks.py")
     check_ok(proc)
     for rank in range(4):
         checks = json.loads((tmp_path / f"checks_rank{rank}.json").read_text())["checks"]
-        assert len(checks) == 12
+        assert len(checks) == 20
         assert max(c["master"] for c in checks) < 1e-5 and max(c["compute"] for c in checks) < 1e-5
     summary = json.loads((tmp_path / f"checks_rank{rank}.json").read_text())["summary"]
     assert (summary["tp"], summary["dp"], summary["world_size"]) == (2, 2, 4)
     losses = [m["train/loss"] for m in read_metrics(tmp_path)]
-    assert max(abs(a - b) for a, b in zip(losses, single_process[:12], strict=True)) < LOSS_TOL
+    assert max(abs(a - b) for a, b in zip(losses, single_process, strict=True)) < LOSS_TOL
 
 
 def test_tp2_dp2_resume_is_exact(byte_data, tmp_path):
