@@ -62,6 +62,15 @@ def prepare_data(data_dir: str, info: DistInfo) -> None:
         dist.barrier()
 
 
+def progress_bar(is_main: bool, start: int, total: int):
+    """A tqdm bar on rank 0 when a person is watching (stderr is a terminal); logs otherwise."""
+    if not (is_main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
+
+
 @torch.no_grad()
 def evaluate(engine, data: TokenData, run: RunConfig, dp_rank: int, dp_size: int, device) -> float:
     engine.eval()
@@ -153,6 +162,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
     last: dict = {}
     val_loss = None
     stop_reason = "max_iters"
+    bar = progress_bar(info.is_main, step, t.max_iters)
     while step < t.max_iters:
         if step % t.eval_interval == 0:
             val_loss = evaluate(engine, val_data, run, dp_rank, dp_size, info.device)
@@ -177,6 +187,8 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
         step += 1
         if on_step is not None:
             on_step(engine, step)
+        if bar is not None:
+            bar.update(1)
         step_time = timer.stop(info.device)
 
         if step % t.log_interval == 0 or step == t.max_iters:
@@ -220,6 +232,8 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
             log.info("stopping at step %d (%s); checkpoint saved", step, stop_reason)
             break
 
+    if bar is not None:
+        bar.close()
     if step >= t.max_iters:  # the loop exits before evaluating its last step
         val_loss = evaluate(engine, val_data, run, dp_rank, dp_size, info.device)
         log.info("step %d: val loss %.4f", step, val_loss)
