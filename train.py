@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     from letngpt.data import DataError
+    from letngpt.distributed import shutdown
     from letngpt.trainer import train
 
     try:
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    shutdown()
     return 0
 
 

@@ -94,5 +94,9 @@ def all_reduce_mean(value: float, device: torch.device, group=None) -> float:
 
 
 def shutdown() -> None:
+    """Leave together: a rank that exits while a peer still talks to it (rank 0 writing the
+    summary, say) can have gloo abort it at interpreter exit, failing a finished job."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.renorm import CommCounter  # noqa: E402
 from letngpt.config import ModelConfig, TrainConfig  # noqa: E402
-from letngpt.distributed import init_distributed  # noqa: E402
+from letngpt.distributed import init_distributed, shutdown  # noqa: E402
 from letngpt.engine import DS_CONFIG_DIR, build_engine, resolve_dtype  # noqa: E402
 from letngpt.model import build_model, unit  # noqa: E402
 from letngpt.parallel.renorm import collective_renormalize_, full_fp32_masters  # noqa: E402
@@ -205,7 +205,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = [run_case(case, args.steps, info.world_size, out) for case in args.cases.split(",")]
     (out / f"rank{info.rank}.json").write_text(json.dumps({"world_size": info.world_size, "results": results}))
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

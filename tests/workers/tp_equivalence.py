@@ -14,7 +14,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from letngpt.config import ModelConfig  # noqa: E402
-from letngpt.distributed import init_distributed  # noqa: E402
+from letngpt.distributed import init_distributed, shutdown  # noqa: E402
 from letngpt.model import build_model  # noqa: E402
 from letngpt.parallel.tensor_parallel import gather_tp_param, initialize_tp, parallelize_tp  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> None:
         }
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps({"tp": tp, "report": report}))
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from letngpt.cli import parse  # noqa: E402
+from letngpt.distributed import shutdown  # noqa: E402
 from letngpt.trainer import train  # noqa: E402
 
 
@@ -48,6 +49,7 @@ def main() -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = Path(run.train.out_dir) / f"checks_rank{rank}.json"
     out.write_text(json.dumps({"checks": worst, "summary": summary}))
+    shutdown()
 
 
 if __name__ == "__main__":
