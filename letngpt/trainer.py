@@ -171,28 +171,29 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
         lr = lr_at(step, t)
         set_lr(engine, lr)
         timer.start()
-        loss_sum = 0.0
+        logging_step = (step + 1) % t.log_interval == 0 or step + 1 == t.max_iters
+        loss_sum = torch.zeros((), device=info.device)  # summed on device: no host sync per micro step
         for micro in range(accum):
             x, y = get_batch(train_data, seed=t.seed, step=step, micro_step=micro, dp_rank=dp_rank,
                              dp_size=dp_size, micro_batch=t.batch_size, block_size=run.model.block_size,
                              grad_accum=accum)
             _, loss = engine(x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True))
             engine.backward(loss)
-            if micro == accum - 1:
+            if micro == accum - 1 and logging_step:
                 local_grad_norm = plain_grad_norm(engine)  # DeepSpeed reports none at ZeRO 0 in fp32
             engine.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach().float()
         if engine.was_step_applied():
             renorm_bytes = renormalize(engine)
         step += 1
+        step_time = timer.stop(info.device)
         if on_step is not None:
             on_step(engine, step)
         if bar is not None:
             bar.update(1)
-        step_time = timer.stop(info.device)
 
-        if step % t.log_interval == 0 or step == t.max_iters:
-            train_loss = all_reduce_mean(loss_sum / accum, info.device)
+        if logging_step:
+            train_loss = all_reduce_mean(loss_sum.item() / accum, info.device)
             grad_norm = engine.get_global_grad_norm()
             grad_norm = local_grad_norm if grad_norm is None else grad_norm
             tok_s = tokens_per_step / step_time
