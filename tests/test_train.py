@@ -215,3 +215,21 @@ def test_resume_at_another_data_parallel_size(stage, before, after, byte_data, r
     losses = [m["train/loss"] for m in read_metrics(tmp_path)]
     ref = [m["train/loss"] for m in read_metrics(reference_run)][:12]
     assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) < 1e-5
+
+
+def test_deepspeed_launcher(byte_data, reference_run, tmp_path):
+    """`deepspeed train.py` (it passes --local_rank=N) gives the same run as torchrun and python."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(ROOT / "train.py"),
+                           *tiny(byte_data, tmp_path, "--max_iters=4")],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    check_ok(proc)
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+    losses = [m["train/loss"] for m in read_metrics(tmp_path)]
+    ref = [m["train/loss"] for m in read_metrics(reference_run)][:4]
+    assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) < 1e-5
