@@ -217,6 +217,7 @@ def last_step(out: Path) -> int:
     return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
 
 
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # MLflow's sqlite store
 def test_training_survives_its_server_being_killed(fresh_server, client_env, byte_data, tmp_path):
     from mlflow import MlflowClient
 

@@ -74,7 +74,8 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
         if proc.poll() is not None:
             raise AssertionError(f"trainer exited early: {proc.returncode}\n{proc.stdout.read()[-3000:]}")
         metrics = out / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(x)["step"] >= step for x in metrics.read_text().splitlines()):
+        lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []  # complete lines only
+        if any(json.loads(x)["step"] >= step for x in lines):
             return
         time.sleep(0.2)
     raise AssertionError(f"no step {step} within {timeout}s")
