@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from .fsutil import atomic_write_text
+
 MARKER = "latest_complete"
 STATE_FILE = "letngpt_state.json"
 _TAG = re.compile(r"^step_(\d{8,})$")
@@ -31,15 +33,6 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_tag(out_dir: str | Path) -> str | None:

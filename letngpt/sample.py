@@ -10,6 +10,7 @@ model; ZeRO 1-3 ones are consolidated with DeepSpeed's zero_to_fp32 reader.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,8 +36,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
 def load_model(path: str | Path, device: str = "cpu") -> tuple[LETnGPT, dict]:
     root, tag = resolve_checkpoint(path)
     folder = root / tag
-    import json
-
     state = json.loads((folder / checkpoint.STATE_FILE).read_text())
     run = RunConfig.from_dict(state["config"])
     if (folder / "mp_rank_01_model_states.pt").exists():

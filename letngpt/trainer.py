@@ -23,6 +23,7 @@ from .config import ConfigError, RunConfig
 from .data.loader import TokenData, check_vocab, get_batch, get_eval_batch
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, init_distributed
 from .engine import build_engine, lr_at, per_rank_accumulation, resolve_dtype, set_lr
+from .fsutil import atomic_write_text
 from .metrics import StepTimer, memory_mb, mfu, model_stats, plain_grad_norm
 from .model import build_model
 from .parallel.renorm import collective_renormalize_
@@ -246,7 +247,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
         "preset": run.name, "world_size": info.world_size, "tp": t.tp, "dp": dp_size,
     }
     if info.is_main:
-        checkpoint.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
         for name in ("run_config.json", "ds_config.json", "summary.json"):
             if (out_dir / name).exists():
                 tracker.log_artifact(out_dir / name)

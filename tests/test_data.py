@@ -202,7 +202,7 @@ def test_interrupted_prepare_leaves_folder_not_prepared(corpus, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         write_dataset(out, {"train": (crashing(), 100)}, {"vocab_size": 50257})
-    assert not (out / "meta.json").exists() and not list(out.glob("*.tmp"))
+    assert not (out / "meta.json").exists() and not list(out.glob("*.tmp*"))
     with pytest.raises(DataError, match="not prepared"):
         TokenData(out, "train")
 

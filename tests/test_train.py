@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, TINY, check_ok, read_metrics, run_train, subprocess_env
 
 from letngpt import checkpoint
+from letngpt.distributed import free_port
 
 
 def tiny(data: Path, out: Path, *extra: str) -> list[str]:
@@ -191,11 +192,7 @@ def test_mlflow_holds_params_and_loss_history(reference_run):
 
 
 def test_unreachable_tracking_server_does_not_stop_training(byte_data, tmp_path):
-    import socket
-
-    with socket.socket() as s:  # a port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     proc = run_train(tiny(byte_data, tmp_path, "--max_iters=3", f"--tracking_uri=http://127.0.0.1:{port}"))
     check_ok(proc)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -220,11 +217,7 @@ def test_resume_at_another_data_parallel_size(stage, before, after, byte_data, r
 
 def test_deepspeed_launcher(byte_data, reference_run, tmp_path):
     """`deepspeed train.py` (it passes --local_rank=N) gives the same run as torchrun and python."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     launcher = Path(sys.executable).parent / "deepspeed"
     proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(port), str(ROOT / "train.py"),
                            *tiny(byte_data, tmp_path, "--max_iters=4")],

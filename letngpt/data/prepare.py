@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..fsutil import atomic_write_text, fsync_path
 from . import DataError
 from .tokenizer import REPO_ROOT, get_encoding
 
@@ -116,24 +117,6 @@ def tokenize(docs: list[str], enc_name: str, num_proc: int = 1) -> list[np.ndarr
         return list(tqdm(pool.imap(_encode, docs, chunksize=chunksize), **bar))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def write_tokens(path: Path, chunks: Iterable[np.ndarray], total: int) -> str:
     """Write `total` token ids from `chunks` to `path` as uint16 and return the file's sha256.
 
@@ -159,12 +142,12 @@ def write_tokens(path: Path, chunks: Iterable[np.ndarray], total: int) -> str:
             raise DataError(f"{path.name}: got {n} tokens, expected {total}")
         arr.flush()
         del arr
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent)
+    fsync_path(path.parent)
     return sha.hexdigest()
 
 
@@ -286,7 +269,7 @@ def ensure_tinyshakespeare(data_dir: str | Path = "data/tinyshakespeare") -> Pat
         if not (data_dir / "meta.json").exists():  # another process may have finished meanwhile
             for name in ("train.bin", "val.bin", "meta.json"):
                 os.replace(tmp / name, data_dir / name)
-            _fsync(data_dir)
+            fsync_path(data_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return data_dir

@@ -203,7 +203,7 @@ def is_tp_sharded(p: nn.Parameter) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False))
 
 
-def gather_tp_param(p: nn.Parameter, name: str) -> torch.Tensor:
+def gather_tp_param(p: nn.Parameter) -> torch.Tensor:
     """The full tensor of a TP-sharded parameter (tests, checkpoints for sampling)."""
     from megatron.core.parallel_state import get_tensor_model_parallel_group, get_tensor_model_parallel_world_size
 

@@ -51,11 +51,11 @@ def main() -> None:
         grad_err, weight_err = 0.0, 0.0
         for pname, p in sharded.named_parameters():
             ref = ref_params[pname]
-            weight_err = max(weight_err, float((gather_tp_param(p, pname) - ref).abs().max()))
+            weight_err = max(weight_err, float((gather_tp_param(p) - ref).abs().max()))
             g = p.grad
             g.tensor_model_parallel = getattr(p, "tensor_model_parallel", False)
             g.partition_dim = getattr(p, "partition_dim", 0)
-            full_grad = gather_tp_param(g, pname)
+            full_grad = gather_tp_param(g)
             grad_err = max(grad_err, float((full_grad - ref.grad).abs().max()))
         report[name] = {
             "logits": float((gather_vocab(logits) - ref_logits).abs().max()),
