@@ -6,6 +6,7 @@ Every flag of the original nGPT / LET-nGPT launchers parses unchanged (including
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from .config import ConfigError, RunConfig, apply_overrides
@@ -72,3 +73,36 @@ def parse(argv: list[str]) -> Command:
 
 def print_configs() -> None:
     print("\n".join(list_configs()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The training entry point behind `python train.py`, `python -m letngpt` and `letngpt-train`.
+
+    Bad configuration and bad data end in one line on stderr and exit code 2, never a traceback.
+    The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same,
+    so it is dropped here.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    try:
+        command = parse(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if command.action == "list":
+        print_configs()
+        return 0
+    if command.action == "help":
+        print(USAGE)
+        return 0
+    from .data import DataError
+    from .distributed import shutdown
+    from .trainer import train
+
+    try:
+        train(command.run)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shutdown()
+    return 0

@@ -11,7 +11,9 @@ import torch.nn as nn
 
 from .config import ConfigError, TrainConfig
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# The default ZeRO recipes ship inside the package (a wheel has no repository around it);
+# the top-level ds_configs/ is a link to this folder, so there is one copy to edit.
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 
 def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:

@@ -1,0 +1,7 @@
+"""`python -m letngpt ...` is `python train.py ...` for an installed package (no checkout needed)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
