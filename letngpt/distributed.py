@@ -7,10 +7,14 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,3 +104,26 @@ def shutdown() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def on_rank0(fn: Callable[[], T], *, is_main: bool) -> T:
+    """Run `fn` on rank 0 only (file-system checks, locks) and hand every rank its result. A
+    user-facing error it raises (ConfigError, DataError, RunError) is raised on every rank, so
+    a bad out_dir or dataset ends the whole job with one line instead of hanging the others."""
+    from .config import ConfigError
+    from .data import DataError
+    from .errors import RunError
+
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except (ConfigError, DataError, RunError) as e:
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result

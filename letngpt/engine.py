@@ -40,6 +40,8 @@ def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype, load_u
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"ds_config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"ds_config: {path} must hold a JSON object, not a {type(cfg).__name__}")
     accum = per_rank_accumulation(train, dp_size)
     cfg.update(
         train_micro_batch_size_per_gpu=train.batch_size,
@@ -84,8 +86,26 @@ def build_engine(model: nn.Module, train: TrainConfig, dp_size: int, dtype: torc
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate,
                                   betas=(train.beta1, train.beta2), eps=1e-8, **fused)
+    validate_ds_config(ds_config, train.ds_config or f"zero{train.zero_stage}.json", mpu)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
-    return engine, ds_config
+    return engine, ds_config, optimizer
+
+
+def validate_ds_config(cfg: dict, name: str, mpu=None) -> None:
+    """DeepSpeed's own config model judges the merged config; its first complaint becomes one line
+    (a pydantic report or an assertion deep in deepspeed.initialize otherwise)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedConfig(cfg, mpu=mpu)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or e.title
+        raise ConfigError(f"ds_config {name}: {e.title}.{where}: {first['msg']} (got {first.get('input')!r})") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        detail = str(e).splitlines()[0] if str(e) else repr(e)
+        raise ConfigError(f"ds_config {name}: {type(e).__name__}: {detail}") from None
 
 
 def set_lr(engine, lr: float) -> None:

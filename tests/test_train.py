@@ -6,18 +6,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, check_ok, read_metrics, run_train, subprocess_env
+from conftest import ROOT, check_ok, read_metrics, run_train, subprocess_env, tiny, wait_for_step
 
 from letngpt import checkpoint
 from letngpt.distributed import free_port
-
-
-def tiny(data: Path, out: Path, *extra: str) -> list[str]:
-    return [*TINY, f"--data_dir={data}", f"--out_dir={out}", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -67,19 +62,6 @@ def test_resume_is_exact(byte_data, tmp_path):
     b = [(m["step"], m["train/loss"]) for m in read_metrics(split)]
     assert [s for s, _ in b] == list(range(1, 21))
     assert a == b  # bit-identical fp32 losses
-
-
-def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early: {proc.returncode}\n{proc.stdout.read()[-3000:]}")
-        metrics = out / "metrics.jsonl"
-        lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []  # complete lines only
-        if any(json.loads(x)["step"] >= step for x in lines):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no step {step} within {timeout}s")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

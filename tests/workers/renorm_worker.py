@@ -146,7 +146,7 @@ def run_case(case: str, steps: int, dp_size: int, tmp: Path) -> dict:
     train = TrainConfig(zero_stage=int(stage[1:]), batch_size=2, gradient_accumulation_steps=dp_size,
                         learning_rate=2e-2, weight_decay=0.1, grad_clip=1.0, device="cpu",
                         dtype="bfloat16" if "bf16" in opts else "float32", ds_config=ds_config)
-    engine, _ = build_engine(model, train, dp_size, resolve_dtype(train, torch.device("cpu")), mpu=mpu)
+    engine, _, _ = build_engine(model, train, dp_size, resolve_dtype(train, torch.device("cpu")), mpu=mpu)
     dims = engine.module.unit_norm_axes()
     named = dict(engine.module.named_parameters())
     params = {name: named[name] for name in dims}
