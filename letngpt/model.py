@@ -144,10 +144,14 @@ class LinearEnsembleAttention(nn.Module):
         q = self.query(x).view(B, T, -1, hd)  # [B, T, heads*maps, hd], head-major
         k = self.key(x).view(B, T, -1, hd)
         v = self.value(x).view(B, T, -1, hd)  # [B, T, heads, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.use_ngpt:
+            # Normalise -> scale -> rotate. Rotating last keeps q_i . k_j a function of i - j
+            # even when s_qk differs between the two coordinates of a rotation plane (NVIDIA's
+            # code rotates first, which breaks that); at init the orders agree, as unit(.)
+            # commutes with a rotation and s_qk is uniform.
             s_qk = self.s_qk().view(-1, hd)  # per (head, map) and dimension
             q, k = s_qk * unit(q), s_qk * unit(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if m > 1:
             v = v.repeat_interleave(m, dim=2)  # head h's one value serves its m maps
         y = attend(q, k, v, scale=self.softmax_scale, backend=self.backend)  # [B, T, heads*maps, hd]

@@ -57,6 +57,47 @@ def test_rope_is_a_rotation():
     assert abs(float(qs[5] @ ks[5] - qs[5] @ ks[2])) > 1e-6  # and it does depend on i - j
 
 
+def first_layer_scores(model: torch.nn.Module, idx: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """Pre-softmax scores scale * q_i . k_j of the first attention call, [B, heads*maps, T, T]."""
+    import letngpt.model as model_module
+
+    calls = []
+    real_attend = model_module.attend
+
+    def recording_attend(q, k, v, *, scale, backend="auto"):
+        calls.append((q.detach().clone(), k.detach().clone(), scale))
+        return real_attend(q, k, v, scale=scale, backend=backend)
+
+    monkeypatch.setattr(model_module, "attend", recording_attend)
+    model(idx)
+    q, k, scale = calls[0]
+    return scale * torch.einsum("bihd,bjhd->bhij", q, k)
+
+
+@pytest.mark.parametrize("variant", ["nGPT", "LETNGPT"])
+def test_scores_depend_on_relative_position_only(variant, monkeypatch):
+    """With a non-uniform s_qk, score(i, i - d) must not depend on i (RoPE rotates last).
+
+    Every position holds the same token, so the first layer's q and k differ between
+    positions only by RoPE; any dependence on i beyond fp32 angle rounding is a bug.
+    """
+    torch.manual_seed(0)
+    T = 64
+    model = letngpt.build_model(small_cfg(*VARIANTS[variant], block_size=T)).double()
+    with torch.no_grad():
+        for block in model.blocks:  # effective s_qk uniform in [0.5, 1.5], per dimension
+            s_qk = block.attn.s_qk
+            s_qk.weight.copy_(torch.rand_like(s_qk.weight).add(0.5) / s_qk.multiplier)
+    idx = torch.full((1, T), 7)
+    scores = first_layer_scores(model, idx, monkeypatch)[0]
+    assert scores.shape[-1] == T
+    for d in range(T - 1):
+        diagonal = torch.diagonal(scores, offset=-d, dim1=-2, dim2=-1)  # score(i, i - d) over i
+        spread = (diagonal.max(-1).values - diagonal.min(-1).values).max()
+        assert spread < 1e-5, (d, float(spread))
+    assert (scores[:, 10, 10] - scores[:, 10, 5]).abs().max() > 1e-3  # and it does depend on d
+
+
 @pytest.mark.parametrize("variant", ["nGPT", "LETNGPT"])
 def test_normalized_weights_and_hidden_states(variant):
     torch.manual_seed(0)
@@ -98,11 +139,12 @@ def naive_attention(attn: LinearEnsembleAttention, x: torch.Tensor, n_head: int)
     for h in range(n_head):
         mixed = 0
         for j in range(m):
-            qj = apply_rope(q[:, :, h, j][:, :, None], cos, sin)[:, :, 0]
-            kj = apply_rope(k[:, :, h, j][:, :, None], cos, sin)[:, :, 0]
+            qj, kj = q[:, :, h, j], k[:, :, h, j]
             if attn.use_ngpt:
                 s = attn.s_qk().view(n_head, m, hd)[h, j]
                 qj, kj = s * F.normalize(qj, dim=-1), s * F.normalize(kj, dim=-1)
+            qj = apply_rope(qj[:, :, None], cos, sin)[:, :, 0]
+            kj = apply_rope(kj[:, :, None], cos, sin)[:, :, 0]
             scores = (qj @ kj.transpose(1, 2)) * attn.softmax_scale
             probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
             weight = attn.ensemble_weights()[j] if m > 1 else 1.0
