@@ -551,7 +551,6 @@ def build_attention(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, 
     if random_mix and cfg.num_maps > 1:  # away from the symmetric init, for equality tests
         with torch.no_grad():
             attn.ensemble_logits.normal_()
-            attn.ensemble_scale.fill_(1.3)
     return attn.to(device=device, dtype=dtype)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -193,6 +194,41 @@ def test_ensemble_weights_start_signed_and_alternating():
     assert w[0] > 0 and w[1] < 0 and w[2] > 0 and w[3] < 0 and w.sum() > 0
 
 
+@pytest.mark.parametrize("use_ngpt", [True, False])
+def test_ensemble_mix_has_no_inert_scale(use_ngpt):
+    """The head norm removes any overall factor on w, so w = tanh(r) and nothing else may learn
+    a scale there; what model_stats logs is exactly tanh(r_m) per layer."""
+    from letngpt.metrics import model_stats
+
+    torch.manual_seed(0)
+    model = letngpt.build_model(small_cfg(use_ngpt, 3))
+    attn_params = {n for n, _ in model.blocks[0].attn.named_parameters()}
+    mixing = {n for n in attn_params if not n.startswith(("query", "key", "value", "proj", "s_qk"))}
+    assert mixing == {"ensemble_logits", "head_norm.weight"}
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.attn.ensemble_logits.copy_(torch.tensor([0.3, -1.2, 2.0]) * (i + 1))
+    stats = model_stats(SimpleNamespace(module=model))
+    for i in range(2):
+        for m, r in enumerate([0.3, -1.2, 2.0]):
+            assert abs(stats[f"ensemble/layer{i}/w{m}"] - math.tanh(r * (i + 1))) < 1e-6
+
+
+def test_old_state_dict_with_ensemble_scale_loads():
+    """A state dict from before the scale was removed loads strictly (the key is dropped) and
+    reproduces the model it came from."""
+    torch.manual_seed(0)
+    model = letngpt.build_model(small_cfg(True, 3)).double()
+    old = model.state_dict()
+    for i in range(len(model.blocks)):
+        old[f"blocks.{i}.attn.ensemble_scale"] = torch.full((1,), 3.0, dtype=torch.float64)
+    torch.manual_seed(1)
+    fresh = letngpt.build_model(small_cfg(True, 3)).double()
+    fresh.load_state_dict(old)
+    idx = torch.randint(0, 97, (2, 32))
+    assert (fresh(idx)[0] - model(idx)[0]).abs().max() < 1e-12
+
+
 def expected_param_count(c: ModelConfig) -> int:
     d, L, V, M, hidden = c.n_embd, c.n_layer, c.vocab_size, c.num_maps, c.mlp_ratio * c.n_embd
     per_layer = (2 * M + 2) * d * d + 3 * d * hidden
@@ -201,7 +237,7 @@ def expected_param_count(c: ModelConfig) -> int:
     else:
         per_layer += 2 * d  # two RMSNorm gains
     if M > 1:
-        per_layer += M + 1 + c.head_dim  # r_m, s, head-norm gain
+        per_layer += M + c.head_dim  # r_m, head-norm gain
     return L * per_layer + 2 * V * d + (V if c.use_ngpt else d)  # + s_z or the final norm
 
 

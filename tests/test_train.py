@@ -227,3 +227,28 @@ def test_deepspeed_launcher(byte_data, reference_run, tmp_path):
     losses = [m["train/loss"] for m in read_metrics(tmp_path)]
     ref = [m["train/loss"] for m in read_metrics(reference_run)][:4]
     assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) < 1e-5
+
+
+def test_old_checkpoint_with_removed_parameter_fails_clearly(tmp_path):
+    """A checkpoint that still holds the removed ensemble scale cannot resume (its optimizer state
+    has one more tensor per layer): the error must say so, not DeepSpeed's size mismatch."""
+    import torch
+
+    from letngpt.config import ConfigError
+
+    folder = checkpoint.checkpoint_dir(tmp_path) / checkpoint.tag_for(2)
+    folder.mkdir(parents=True)
+    torch.save({"module": {"wte.weight": torch.zeros(2, 2), "blocks.0.attn.ensemble_scale": torch.ones(1)},
+                "param_shapes": [{"blocks.1.attn.ensemble_scale": torch.Size([1])}]},
+               folder / "mp_rank_00_model_states.pt")
+    assert checkpoint.removed_params(folder) == ["blocks.0.attn.ensemble_scale", "blocks.1.attn.ensemble_scale"]
+
+    class Engine:  # what DeepSpeed does with such a checkpoint at ZeRO 0
+        def load_checkpoint(self, *args, **kwargs):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size")
+
+    with pytest.raises(ConfigError, match="predates the removal of blocks.0.attn.ensemble_scale"):
+        checkpoint.load(Engine(), tmp_path, tag=checkpoint.tag_for(2))
+    (folder / "mp_rank_00_model_states.pt").unlink()  # a checkpoint without it re-raises DeepSpeed's error
+    with pytest.raises(ValueError, match="parameter group"):
+        checkpoint.load(Engine(), tmp_path, tag=checkpoint.tag_for(2))
