@@ -17,9 +17,10 @@ from letngpt.model import unit
 from letngpt.parallel.renorm import _add_square_sums_, _divide_, _Target, check_normalized_axis
 
 WORKER = "tests/workers/renorm_worker.py"
-# case = ZeRO stage[:options]; bf16 = bf16 weights (fp32 masters), accum32 = fp32 gradient accumulation,
-# persist=N = ZeRO-3 persistence threshold, tp=N = megatron tensor parallelism, axis_check = see below.
-DP2_CASES = ["z0", "z1", "z2:axis_check", "z3:axis_check", "z0:bf16", "z1:bf16:accum32", "z2:bf16",
+# case = ZeRO stage[:options]; bf16 = bf16 weights (fp32 masters; the shipped recipes accumulate gradients
+# in fp32 at ZeRO 1-3), persist=N = ZeRO-3 persistence threshold, tp=N = megatron tensor parallelism,
+# axis_check = see below.
+DP2_CASES = ["z0", "z1", "z2:axis_check", "z3:axis_check", "z0:bf16", "z1:bf16", "z2:bf16",
              "z3:bf16:persist=2000"]
 # TP 2 x DP 2 last: DeepSpeed keeps an engine's mpu globally. The DP group is then a subgroup.
 DP4_CASES = ["z2", "z3:persist=2000", "z1:tp=2", "z3:tp=2"]
@@ -90,7 +91,7 @@ def test_every_deepspeed_optimizer_is_covered(dp2):
     optimizers = {case: dp2[case][0]["optimizer"] for case in DP2_CASES}
     assert optimizers["z0"] == "AdamW"  # plain torch optimizer on the weights
     assert optimizers["z0:bf16"] == "FP16_UnfusedOptimizer"  # full fp32 masters on every rank
-    assert optimizers["z1:bf16:accum32"] == "BF16_Optimizer"  # partitioned, _hp_mapping
+    assert optimizers["z1:bf16"] == "BF16_Optimizer"  # fp32 accumulation at ZeRO 1; partitioned, _hp_mapping
     assert optimizers["z2:bf16"] == optimizers["z1"] == "DeepSpeedZeroOptimizer"
     assert optimizers["z3:axis_check"] == "DeepSpeedZeroOptimizer_Stage3"
 
