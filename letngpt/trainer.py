@@ -24,7 +24,7 @@ from .data.loader import TokenData, check_vocab, eval_batches, get_batch
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, all_reduce_sum, init_distributed
 from .engine import build_engine, lr_at, per_rank_accumulation, resolve_dtype, set_lr
 from .fsutil import atomic_write_text
-from .metrics import StepTimer, memory_mb, mfu, model_stats, plain_grad_norm
+from .metrics import StepTimer, Throughput, memory_mb, mfu, model_stats, plain_grad_norm
 from .model import build_model
 from .parallel.renorm import collective_renormalize_
 from .renorm import renormalize_engine_weights_
@@ -160,6 +160,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
     renorm_bytes = 0
     tokens_per_step = t.batch_size * run.model.block_size * accum * dp_size
     timer = StepTimer()
+    throughput = Throughput(tokens_per_step)  # means over the logging window / the launch
     launch_start, start_step = time.time(), step
     metrics_file = open(out_dir / "metrics.jsonl", "a") if info.is_main else None
     last: dict = {}
@@ -190,6 +191,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
             renorm_bytes = renormalize(engine)
         step += 1
         step_time = timer.stop(info.device)
+        throughput.add(step_time)
         if on_step is not None:
             on_step(engine, step)
         if bar is not None:
@@ -199,7 +201,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
             train_loss = all_reduce_mean(loss_sum.item() / accum, info.device)
             grad_norm = engine.get_global_grad_norm()
             grad_norm = local_grad_norm if grad_norm is None else grad_norm
-            tok_s = tokens_per_step / step_time
+            tok_s, step_time = throughput.window()
             last = {"train/loss": train_loss, "lr": lr, "grad_norm": float(grad_norm or 0.0),
                     "tokens_per_s": tok_s, "step_time_s": step_time, "memory_mb": memory_mb(info.device),
                     "renorm_bytes": float(renorm_bytes or 0)}
@@ -242,9 +244,11 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
         val_loss = evaluate(engine, val_data, run, dp_rank, dp_size, info.device)
         log.info("step %d: val loss %.4f", step, val_loss)
         tracker.log_metrics({"val/loss": val_loss}, step)
+    steady_tok_s = throughput.overall()  # this launch, first steps excluded
     summary = {
         "final_step": step, "stop_reason": stop_reason, "train_loss": last.get("train/loss"),
-        "val_loss": val_loss, "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"),
+        "val_loss": val_loss, "tokens_per_s": steady_tok_s,
+        "mfu": mfu(run.model, steady_tok_s, info.world_size, info.device, t.peak_tflops) if steady_tok_s else None,
         "wall_time_s": wall_before + time.time() - launch_start, "tracking_run_id": tracker.run_id,
         "preset": run.name, "world_size": info.world_size, "tp": t.tp, "dp": dp_size,
     }
