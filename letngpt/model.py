@@ -3,7 +3,9 @@
 Switches:
   use_ngpt=1  nGPT (Loshchilov et al., arXiv 2410.01131), as NVIDIA's reference code: hidden
               states and the embedding-axis rows of every matrix live on the unit sphere,
-              residual updates are h <- norm(h + |alpha| * (norm(block(h)) - h)).
+              residual updates are h <- norm(h + |alpha| * (norm(block(h)) - h)). One
+              deliberate deviation: RoPE rotates q and k after the s_qk scaling, not before,
+              so attention scores stay relative (see LinearEnsembleAttention.forward).
   use_ngpt=0  a pre-norm GPT (RMSNorm) with the same SwiGLU MLP and RoPE, the fair baseline.
   num_maps=M  each head has M query/key projections sharing one value projection, and
               mixes its M softmax maps with learned signed weights (Linear Ensemble
