@@ -57,7 +57,25 @@ def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype, load_u
     cfg.pop("scheduler", None)  # the schedule is ours: lr_at() below
     if load_universal:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
+    _check_accumulation_dtype(cfg, dtype, accum)
     return cfg
+
+
+def _check_accumulation_dtype(cfg: dict, dtype: torch.dtype, accum: int) -> None:
+    """Gradients must not be summed over micro batches in an 8-bit (bf16) or 11-bit (fp16) mantissa.
+
+    At ZeRO 1-3 the recipes set data_types.grad_accum_dtype = fp32 (ZeRO 1 then runs DeepSpeed's
+    BF16_Optimizer). At ZeRO 0, DeepSpeed 0.19 accumulates in the model dtype and rejects fp32
+    ("unsupported mix"), so a 16-bit ZeRO 0 run may not accumulate at all: one micro batch per
+    rank and step is exact, more are refused, pointing to ZeRO 1.
+    """
+    if dtype == torch.float32 or cfg["zero_optimization"]["stage"] != 0:
+        return
+    if accum > 1:
+        raise ConfigError(f"ZeRO 0 in {dtype} would sum {accum} micro batches per rank in {dtype} (DeepSpeed has no "
+                          "fp32 gradient accumulation at ZeRO 0); use --zero_stage=1, which accumulates in fp32 "
+                          "(on one GPU it adds only an fp32 gradient buffer), or one micro batch per rank")
+    cfg.get("data_types", {}).pop("grad_accum_dtype", None)  # nothing to accumulate; DeepSpeed would refuse it
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -26,14 +26,14 @@ import torch
 
 from . import checkpoint
 from .config import ConfigError, RunConfig
-from .data.loader import TokenData, get_batch, get_eval_batch
+from .data.loader import TokenData, eval_batches, get_batch
 from .data.verify import check_token_ids
-from .distributed import DistInfo, all_reduce_max, all_reduce_mean, init_distributed, on_rank0
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, all_reduce_sum, init_distributed, on_rank0
 from .engine import build_engine, lr_at, per_rank_accumulation, resolve_dtype, set_lr
 from .errors import DivergedError
 from .fsutil import atomic_write_text
 from .guard import NonFiniteGuard, finite_or_none, skip_optimizer_step, weights_finite
-from .metrics import StepTimer, memory_mb, mfu, model_stats, plain_grad_norm
+from .metrics import StepTimer, Throughput, memory_mb, mfu, model_stats, plain_grad_norm
 from .model import build_model
 from .parallel.renorm import collective_renormalize_
 from .renorm import renormalize_engine_weights_
@@ -190,10 +190,14 @@ class Job:
     step: int = 0
     wall_before: float = 0.0
     launch_start: float = field(default_factory=time.time)
-    timer: StepTimer = field(default_factory=StepTimer)
+    timer: StepTimer = field(default_factory=lambda: StepTimer())  # looked up at run time (tests script it)
+    throughput: Throughput | None = None  # means over the logging window / the launch
     last: dict = field(default_factory=dict)
     val_loss: float | None = None
     renorm_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.throughput = Throughput(self.tokens_per_step)
 
     @property
     def tokens_per_step(self) -> int:
@@ -262,15 +266,17 @@ def progress_bar(is_main: bool, start: int, total: int):
 
 @torch.no_grad()
 def evaluate(engine, data: TokenData, run: RunConfig, dp_rank: int, dp_size: int, device) -> float:
+    """Mean loss over the fixed evaluation set, whose windows do not depend on the layout."""
     engine.eval()
-    losses = []
-    for i in range(run.train.eval_iters):
-        x, y = get_eval_batch(data, seed=run.train.seed, eval_iter=i, dp_rank=dp_rank, dp_size=dp_size,
-                              micro_batch=run.train.batch_size, block_size=run.model.block_size)
+    total = torch.zeros(2, dtype=torch.float64)  # sum of per-window mean losses, number of windows
+    for x, y, n in eval_batches(data, seed=run.train.seed, eval_iters=run.train.eval_iters, dp_rank=dp_rank,
+                                dp_size=dp_size, micro_batch=run.train.batch_size, block_size=run.model.block_size):
         _, loss = engine(x.to(device), y.to(device))
-        losses.append(loss.item())
+        total += torch.tensor([loss.item() * n, n], dtype=torch.float64)
     engine.train()
-    return all_reduce_mean(sum(losses) / len(losses), device)
+    # Over the whole world: TP peers hold the same share, which scales both sums alike.
+    loss_sum, windows = all_reduce_sum(total, device).tolist()
+    return loss_sum / windows
 
 
 def run_eval(job: Job) -> None:
@@ -308,13 +314,12 @@ def train_step(job: Job, lr: float, logging_step: bool) -> tuple[torch.Tensor, f
     return loss_sum, local_grad_norm, skipped
 
 
-def log_step(job: Job, lr: float, loss_sum: torch.Tensor, local_grad_norm, step_time: float, skipped: bool,
-             metrics_file) -> None:
+def log_step(job: Job, lr: float, loss_sum: torch.Tensor, local_grad_norm, skipped: bool, metrics_file) -> None:
     info, t = job.info, job.run.train
     train_loss = all_reduce_mean(loss_sum.item() / job.accum, info.device)
     grad_norm = job.engine.get_global_grad_norm()
     grad_norm = local_grad_norm if grad_norm is None else grad_norm
-    tok_s = job.tokens_per_step / step_time
+    tok_s, step_time = job.throughput.window()
     job.last = {"train/loss": finite_or_none(train_loss), "lr": lr, "grad_norm": finite_or_none(grad_norm or 0.0),
                 "tokens_per_s": tok_s, "step_time_s": step_time, "memory_mb": memory_mb(info.device),
                 "renorm_bytes": float(job.renorm_bytes or 0), "skipped_steps": float(job.guard.skipped)}
@@ -375,13 +380,13 @@ def loop(job: Job, stop: StopFlag, on_step: Callable | None) -> str:
             logging_step = (job.step + 1) % t.log_interval == 0 or job.step + 1 == t.max_iters
             loss_sum, local_grad_norm, skipped = train_step(job, lr, logging_step)
             job.step += 1
-            step_time = job.timer.stop(job.info.device)
+            job.throughput.add(job.timer.stop(job.info.device))
             if on_step is not None:
                 on_step(job.engine, job.step)
             if bar is not None:
                 bar.update(1)
             if logging_step:
-                log_step(job, lr, loss_sum, local_grad_norm, step_time, skipped, metrics_file)
+                log_step(job, lr, loss_sum, local_grad_norm, skipped, metrics_file)
             if job.step % t.track_interval == 0:
                 job.tracker.log_metrics(model_stats(job.engine), job.step)
             reason = should_stop(job, stop, start_step)
@@ -404,9 +409,14 @@ def write_summary(job: Job, stop_reason: str) -> dict:
     val = finite_or_none(job.val_loss)
     if job.val_loss is not None and val is None:
         nonfinite.append("val_loss")
+    steady_tok_s = job.throughput.overall()  # this launch, first steps excluded
+    run, info = job.run, job.info
+    steady_mfu = None
+    if steady_tok_s:
+        steady_mfu = mfu(run.model, steady_tok_s, info.world_size, info.device, run.train.peak_tflops)
     summary = {
         "final_step": job.step, "stop_reason": stop_reason, "train_loss": job.last.get("train/loss"),
-        "val_loss": val, "tokens_per_s": job.last.get("tokens_per_s"), "mfu": job.last.get("mfu"),
+        "val_loss": val, "tokens_per_s": steady_tok_s, "mfu": steady_mfu,
         "skipped_steps": job.guard.skipped,
         "wall_time_s": job.wall_before + time.time() - job.launch_start, "tracking_run_id": job.tracker.run_id,
         "preset": job.run.name, "world_size": job.info.world_size, "tp": job.run.train.tp, "dp": job.layout.dp_size,

@@ -126,12 +126,9 @@ def run_case(case: str, steps: int, dp_size: int, tmp: Path) -> dict:
     stage, *opts = case.split(":")
     opts = dict(o.split("=") if "=" in o else (o, "1") for o in opts)
     ds_config = ""
-    if "persist" in opts or "accum32" in opts:
+    if "persist" in opts:  # ZeRO 3 keeps params under this many elements gathered ("persistent")
         cfg = json.loads((DS_CONFIG_DIR / f"zero{stage[1:]}.json").read_text())
-        if "persist" in opts:  # ZeRO 3 keeps params under this many elements gathered ("persistent")
-            cfg["zero_optimization"]["stage3_param_persistence_threshold"] = int(opts["persist"])
-        if "accum32" in opts:  # bf16 weights, fp32 gradient accumulation: DeepSpeed's BF16_Optimizer at ZeRO 1
-            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = int(opts["persist"])
         ds_config = str(tmp / f"{case.replace(':', '_')}_rank{dist.get_rank()}.json")
         Path(ds_config).write_text(json.dumps(cfg))
     torch.manual_seed(1234)
