@@ -8,9 +8,11 @@ worst possible way to learn that `n_embd` was mistyped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 ATTN_BACKENDS = ("auto", "flash", "sdpa")
 INIT_FROM = ("auto", "scratch", "resume")
@@ -32,14 +34,14 @@ class ModelConfig:
     is M, the number of attention maps per head (M = 1 is ordinary attention)."""
 
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
-    block_size: int = 1024
-    n_layer: int = 24
-    n_head: int = 16
-    n_embd: int = 1024
-    num_maps: int = 1
-    use_ngpt: bool = True
-    mlp_ratio: int = 4
-    rope_base: float = 10000.0
+    block_size: int = 1024  # context length in tokens
+    n_layer: int = 24  # transformer blocks
+    n_head: int = 16  # attention heads per layer
+    n_embd: int = 1024  # model width d (head size = n_embd / n_head)
+    num_maps: int = 1  # M: attention maps per head (1: plain attention; >1: Linear Ensemble Attention)
+    use_ngpt: bool = True  # true: nGPT on the hypersphere; false: pre-norm GPT
+    mlp_ratio: int = 4  # SwiGLU hidden width = mlp_ratio * n_embd
+    rope_base: float = 10000.0  # RoPE base frequency
     attn_backend: str = "auto"  # auto: flash-attn on CUDA bf16/fp16 when importable, else SDPA
 
     def __post_init__(self) -> None:
@@ -69,37 +71,37 @@ class TrainConfig:
     does not change with the number of GPUs.
     """
 
-    learning_rate: float = 30e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    warmup_iters: int = 0
-    max_iters: int = 10000
-    lr_decay_iters: int = 10000
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    learning_rate: float = 30e-4  # peak learning rate
+    min_lr: float = 0.0  # learning rate at the end of the cosine decay
+    weight_decay: float = 0.0  # AdamW decay on matrices only (nGPT: 0)
+    warmup_iters: int = 0  # linear warmup steps (nGPT: 0)
+    max_iters: int = 10000  # optimizer steps in the whole run
+    lr_decay_iters: int = 10000  # cosine decay length; follows --max_iters when only that is given
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
     batch_size: int = 8  # micro batch per rank
-    gradient_accumulation_steps: int = 64
-    eval_interval: int = 1000
-    eval_iters: int = 200
-    log_interval: int = 10
-    checkpoint_interval: int = 1000
-    keep_checkpoints: int = 3
+    gradient_accumulation_steps: int = 64  # TOTAL micro batches per step over all DP ranks (each does total / dp)
+    eval_interval: int = 1000  # evaluate every N steps (and at the end)
+    eval_iters: int = 200  # validation batches per evaluation (a fixed set, the same at any layout)
+    log_interval: int = 10  # log a line every N steps
+    checkpoint_interval: int = 1000  # save every N steps (and at the end or a clean stop)
+    keep_checkpoints: int = 3  # keep the newest K complete checkpoints
     max_iters_per_launch: int = 0  # 0: no limit
     time_limit_seconds: float = 0.0  # 0: no limit; else save and exit cleanly before it
     init_from: str = "auto"  # auto: resume when out_dir holds a checkpoint, else scratch
-    seed: int = 1337
-    data_dir: str = "data/tinyshakespeare"
-    out_dir: str = "out"
+    seed: int = 1337  # initial weights and data order
+    data_dir: str = "data/tinyshakespeare"  # a prepared folder: train.bin, val.bin, meta.json
+    out_dir: str = "out"  # checkpoints, metrics.jsonl, summary.json, the local MLflow store (default out/<preset>)
     ds_config: str = ""  # path; "" picks ds_configs/zero{zero_stage}.json
-    zero_stage: int = 1
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda when present, else cpu
     compile: bool = False
-    tp: int = 1
+    tp: int = 1  # tensor-parallel size (data-parallel size = world / tp)
     renorm: str = "collective"  # collective: one all-reduce of row norms; naive: gather whole matrices
     tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI or a local store in out_dir
-    experiment: str = "letngpt"
+    experiment: str = "letngpt"  # MLflow experiment name
     parent_run_id: str = ""  # MLflow parent run (sweeps and comparisons group their runs under one)
     track_interval: int = 50  # how often ensemble coefficients / alphas are logged
     peak_tflops: float = 0.0  # 0: look up the GPU; for MFU
@@ -201,3 +203,78 @@ def apply_overrides(run: RunConfig, overrides: dict[str, str]) -> RunConfig:
         else:
             raise ConfigError(f"unknown option --{raw_key}")
     return RunConfig(model=ModelConfig(**model_kw), train=TrainConfig(**train_kw), name=run.name)
+
+
+# --- config files and the field table behind --help ---------------------------------------
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's trailing comment in the class source: the one-line meaning `--help` prints.
+    The comment beside the field is the only place a meaning is written down."""
+    import inspect
+    import io
+    import tokenize
+
+    comments: dict[int, str] = {}
+    names: dict[int, str] = {}
+    source = inspect.getsource(cls)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in names:
+            names[tok.start[0]] = tok.string
+    wanted = {f.name for f in fields(cls)}
+    return {name: comments.get(line, "") for line, name in names.items() if name in wanted}
+
+
+def _coerce(where: str, key: str, value: object, typ: type) -> object:
+    """A value read from JSON/YAML into the field's type (YAML reads 3e-4 as a string)."""
+    if isinstance(value, str) and typ is not str:
+        return parse_value(key, value, typ)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) != (typ is bool) or not isinstance(value, typ):
+        raise ConfigError(f"{where}: {key} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def _section(where: str, data: dict, cls: type, section: str) -> dict:
+    types = _field_types(cls)
+    values = data.get(section) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: {section} must be a mapping of field: value")
+    out = {}
+    for key, value in values.items():
+        if key not in types:
+            raise ConfigError(f"unknown option --{key} (in {where}, {section})")
+        out[key] = _coerce(where, key, value, types[key])
+    return out
+
+
+def load_config_file(path: str | Path) -> RunConfig:
+    """A run config from JSON or YAML in run_config.json's schema: {name, model: {...}, train: {...}}.
+    Fields left out take the dataclass defaults; unknown keys are errors, as unknown flags are."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file (and not a preset name; see --list-configs)")
+    try:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the same one-line error
+        raise ConfigError(f"--config {path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: must hold a mapping with model and train sections")
+    unknown = set(data) - {"name", "model", "train"}
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key {sorted(unknown)[0]!r} (expected name, model, train)")
+    model = ModelConfig(**_section(str(path), data, ModelConfig, "model"))
+    train = TrainConfig(**_section(str(path), data, TrainConfig, "train"))
+    return RunConfig(model=model, train=train, name=str(data.get("name") or path.stem))

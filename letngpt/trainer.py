@@ -314,21 +314,39 @@ def train_step(job: Job, lr: float, logging_step: bool) -> tuple[torch.Tensor, f
     return loss_sum, local_grad_norm, skipped
 
 
+def eta_seconds(job: Job, mean_step_s: float) -> float:
+    """Time to max_iters at the steady step time (the window's until the launch has one)."""
+    steady = job.throughput.overall()
+    step_s = job.tokens_per_step / steady if steady else mean_step_s
+    return max(job.run.train.max_iters - job.step, 0) * step_s
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def log_step(job: Job, lr: float, loss_sum: torch.Tensor, local_grad_norm, skipped: bool, metrics_file) -> None:
+    """One line (and one metrics record): step, loss, lr, grad norm, tokens/s over the window, MFU
+    on GPU, peak memory, tokens seen and an ETA."""
     info, t = job.info, job.run.train
     train_loss = all_reduce_mean(loss_sum.item() / job.accum, info.device)
     grad_norm = job.engine.get_global_grad_norm()
     grad_norm = local_grad_norm if grad_norm is None else grad_norm
     tok_s, step_time = job.throughput.window()
+    eta = eta_seconds(job, step_time)
     job.last = {"train/loss": finite_or_none(train_loss), "lr": lr, "grad_norm": finite_or_none(grad_norm or 0.0),
                 "tokens_per_s": tok_s, "step_time_s": step_time, "memory_mb": memory_mb(info.device),
+                "tokens_seen": float(job.step * job.tokens_per_step), "eta_s": eta,
                 "renorm_bytes": float(job.renorm_bytes or 0), "skipped_steps": float(job.guard.skipped)}
     util = mfu(job.run.model, tok_s, info.world_size, info.device, t.peak_tflops)
     if util is not None:
         job.last["mfu"] = util
-    log.info("step %d: loss %.4f lr %.2e grad %.3f %.0f tok/s %.3fs/step%s%s", job.step, train_loss, lr,
-             float(grad_norm or 0.0), tok_s, step_time, f" mfu {util:.1%}" if util is not None else "",
-             " (skipped: non-finite)" if skipped else "")
+    log.info("step %d/%d: loss %.4f lr %.2e grad %.3f | %.0f tok/s %.3fs/step%s | peak mem %.0f MB | %.2fM tokens "
+             "| eta %s%s", job.step, t.max_iters, train_loss, lr, float(grad_norm or 0.0), tok_s, step_time,
+             f" mfu {util:.1%}" if util is not None else "", job.last["memory_mb"], job.last["tokens_seen"] / 1e6,
+             format_duration(eta), " (skipped: non-finite)" if skipped else "")
     job.tracker.log_metrics({k: v for k, v in job.last.items() if v is not None}, job.step)
     if metrics_file:
         metrics_file.write(json.dumps({"step": job.step, **job.last}, allow_nan=False) + "\n")

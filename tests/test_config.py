@@ -130,3 +130,62 @@ def test_bad_flag_is_a_one_line_error():
     assert out.stderr.strip() == "error: n_embd (1000) must be divisible by n_head (16)"
     out = run_train_py("--bogus=1")
     assert out.returncode == 2 and out.stderr.strip() == "error: unknown option --bogus"
+
+
+def test_help_lists_every_field_with_type_value_and_meaning():
+    import dataclasses
+
+    from letngpt.config import field_docs
+
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "tiny_nGPT", "--help"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    run = letngpt.get_config("tiny_nGPT")
+    for cls, values in ((ModelConfig, run.model), (TrainConfig, run.train)):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no comment for --help"
+            line = next((x for x in lines if x.split()[:1] == [f"--{f.name}"]), None)
+            assert line is not None, f"--{f.name} missing from --help"
+            assert f"= {getattr(values, f.name)!r}" in line and docs[f.name] in line, line
+
+
+def test_config_files_json_and_yaml_with_overrides(tmp_path):
+    yml = tmp_path / "exp.yaml"
+    yml.write_text("name: my_exp\nmodel:\n  n_layer: 2\n  use_ngpt: false\ntrain:\n  learning_rate: 3e-4\n"
+                   "  out_dir: runs/my_exp\n")
+    cmd = parse(["--config", str(yml), "--n_embd=64", "--n_head=2"])
+    assert (cmd.run.name, cmd.run.model.n_layer, cmd.run.model.use_ngpt, cmd.run.model.n_embd) == ("my_exp", 2,
+                                                                                                   False, 64)
+    assert cmd.run.train.learning_rate == 3e-4 and cmd.run.train.out_dir == "runs/my_exp"  # the file's out_dir
+    for text, needle in [("model:\n  n_layers: 2\n", "unknown option --n_layers"),
+                         ("modle:\n  n_layer: 2\n", "unknown key 'modle'"),
+                         ("- 1\n- 2\n", "must hold a mapping"),
+                         ("model:\n  n_layer: two\n", "cannot parse 'two' as int"),
+                         ("train:\n  compile: 3\n", "compile must be bool"),
+                         ("model: [\n", "not valid YAML")]:
+        yml.write_text(text)
+        with pytest.raises(ConfigError, match=needle):
+            parse(["--config", str(yml)])
+    with pytest.raises(ConfigError, match="no such file"):
+        parse(["--config", str(tmp_path / "missing.json")])
+
+
+def test_run_config_json_replays_the_run(tmp_path):
+    import json
+
+    original = parse(["--config", "tiny_GPT", "--n_layer=3", "--learning_rate=2e-3", f"--out_dir={tmp_path / 'x'}"])
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps(original.run.to_dict(), indent=2))  # what every run writes
+    replay = parse(["--config", str(path)])
+    assert replay.run.to_dict() == original.run.to_dict()
+    assert parse(["--config", str(path), "--out_dir=elsewhere"]).run.train.out_dir == "elsewhere"
+
+
+def test_lr_schedule_follows_max_iters_unless_told():
+    preset = letngpt.get_config("tiny_LETNGPT")
+    assert parse([]).run.train.lr_decay_iters == preset.train.lr_decay_iters and parse([]).notes == []
+    short = parse(["--max_iters=30"])
+    assert short.run.train.lr_decay_iters == 30 and "lr_decay_iters follows --max_iters" in short.notes[0]
+    assert parse(["--max_iters=30", "--lr_decay_iters=100"]).run.train.lr_decay_iters == 100

@@ -28,6 +28,9 @@ def test_single_process_run(reference_run):
     assert summary["final_step"] == 15 and summary["world_size"] == 1 and summary["stop_reason"] == "max_iters"
     losses = [m["train/loss"] for m in read_metrics(reference_run)]
     assert len(losses) == 15 and losses[-1] < losses[0] - 0.3
+    last = read_metrics(reference_run)[-1]  # the log line's fields: tokens seen (4 x 64 x 2 a step), ETA, memory
+    assert last["tokens_seen"] == 15 * 4 * 64 * 2 and last["eta_s"] == 0 and last["memory_mb"] > 0
+    assert read_metrics(reference_run)[4]["eta_s"] > 0
     assert checkpoint.latest_tag(reference_run) == "step_00000015"
     assert summary["val_loss"] < 5.4 and summary["tokens_per_s"] > 0
 
