@@ -19,7 +19,7 @@ SHAKESPEARE = SHARED / "tinyshakespeare.txt"
 # A model small enough that a 2-rank DeepSpeed step takes milliseconds on CPU.
 TINY = ["--vocab_size=256", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--eval_interval=10", "--eval_iters=2", "--log_interval=1",
-        "--learning_rate=3e-3", "--checkpoint_interval=1000", "--track_interval=5"]
+        "--learning_rate=3e-3", "--lr_decay_iters=200", "--checkpoint_interval=1000", "--track_interval=5"]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
