@@ -5,7 +5,7 @@ and bytes communicated, from ONE run on CPU ranks (gloo).
     torchrun --standalone --nproc_per_node 2 bench/renorm.py --stages 3 --n_layer 8 --out out/bench/renorm.json
 
 Each timed step is: forward + backward + engine.step() (the "step"), then the collective method
-(letngpt.parallel.renorm.collective_renormalize_), then the naive one (letngpt.renorm: gather every
+(letngpt.renorm.collective.collective_renormalize_), then the naive one (letngpt.renorm: gather every
 full fp32 matrix, normalise, write back), each phase between barriers so that it is timed as the
 slowest rank sees it. Both methods leave the same weights, so running both every step changes
 nothing but time. Bytes are counted by wrapping torch.distributed's collectives (and DeepSpeed's
@@ -117,8 +117,8 @@ def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
     from letngpt.config import ModelConfig, TrainConfig
     from letngpt.engine import build_engine
     from letngpt.model import build_model
-    from letngpt.parallel.renorm import collective_renormalize_
-    from letngpt.renorm import renormalize_engine_weights_
+    from letngpt.renorm.collective import collective_renormalize_
+    from letngpt.renorm.naive import renormalize_engine_weights_
 
     cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                       n_embd=args.n_embd, n_head=args.n_head, num_maps=args.num_maps, use_ngpt=True)

@@ -105,23 +105,23 @@ def plain_grad_norm(engine) -> float | None:
 
 @torch.no_grad()
 def model_stats(engine) -> dict[str, float]:
-    """Each layer's ensemble weights and mean |alpha|, read from the fp32 masters.
-    Collective under ZeRO (every rank calls it)."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    """Each layer's ensemble weights w_m and mean |alpha|, from the model's own methods (the
+    forward pass uses the same ones). Collective at ZeRO 3, where each block's small vectors are
+    gathered for the call (every rank calls it)."""
+    import contextlib
 
-    def full(p: torch.nn.Parameter) -> torch.Tensor:
-        master = safe_get_full_fp32_param(p)
-        return (master if master is not None else p).detach().float()
+    import deepspeed
 
     stats: dict[str, float] = {}
     for i, block in enumerate(engine.module.blocks):
-        attn = block.attn
-        if attn.num_maps > 1:
-            weights = torch.tanh(full(attn.ensemble_logits))  # w_m; the head norm removes any overall scale
-            for m, w in enumerate(weights.tolist()):
-                stats[f"ensemble/layer{i}/w{m}"] = w
-        if hasattr(block, "attn_alpha"):
-            for name in ("attn_alpha", "mlp_alpha"):
-                vec = getattr(block, name)
-                stats[f"{name}/layer{i}/mean_abs"] = float((full(vec.weight) * vec.multiplier).abs().mean())
+        vectors = [p for p in block.parameters() if p.dim() < 2]
+        partitioned = any(hasattr(p, "ds_id") for p in vectors)
+        gather = deepspeed.zero.GatheredParameters(vectors) if partitioned else contextlib.nullcontext()
+        with gather, torch.no_grad():
+            if block.attn.num_maps > 1:
+                for m, w in enumerate(block.attn.ensemble_weights().float().tolist()):
+                    stats[f"ensemble/layer{i}/w{m}"] = w
+            if hasattr(block, "attn_alpha"):
+                for name in ("attn_alpha", "mlp_alpha"):
+                    stats[f"{name}/layer{i}/mean_abs"] = float(getattr(block, name)().float().abs().mean())
     return stats

@@ -35,8 +35,8 @@ from .fsutil import atomic_write_text
 from .guard import NonFiniteGuard, finite_or_none, skip_optimizer_step, weights_finite
 from .metrics import StepTimer, Throughput, memory_mb, mfu, model_stats, plain_grad_norm
 from .model import build_model
-from .parallel.renorm import collective_renormalize_
-from .renorm import renormalize_engine_weights_
+from .parallel.layout import ParallelLayout, build_layout
+from .renorm import PostStepHook
 from .runlock import OutDirLock
 from .tracking import Tracker, git_commit
 
@@ -67,30 +67,6 @@ class StopFlag:
 def setup_logging(is_main: bool) -> None:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-
-
-@dataclass
-class Layout:
-    """Who this rank is in the data-parallel and tensor-parallel grid."""
-
-    mpu: object | None
-    dp_rank: int
-    dp_size: int
-
-
-def setup_layout(run: RunConfig, info: DistInfo) -> Layout:
-    t = run.train
-    if info.world_size % t.tp:
-        raise ConfigError(f"tp ({t.tp}) must divide the number of processes ({info.world_size})")
-    if t.tp == 1:
-        return Layout(None, info.rank, info.world_size)
-    # ranks t.tp apart form the data-parallel groups; TP ranks are adjacent
-    from .parallel.tensor_parallel import MegatronMPU, check_tp_layout, initialize_tp
-
-    check_tp_layout(run.model, t.tp)
-    initialize_tp(t.tp)
-    mpu = MegatronMPU()
-    return Layout(mpu, mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size())
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -177,7 +153,7 @@ class Job:
 
     run: RunConfig
     info: DistInfo
-    layout: Layout
+    layout: ParallelLayout
     out_dir: Path
     engine: object
     optimizer: torch.optim.Optimizer
@@ -186,7 +162,7 @@ class Job:
     train_data: TokenData
     val_data: TokenData
     accum: int
-    renormalize: Callable
+    post_step: PostStepHook  # renormalisation, then on_step callbacks: once after every step
     step: int = 0
     wall_before: float = 0.0
     launch_start: float = field(default_factory=time.time)
@@ -194,7 +170,6 @@ class Job:
     throughput: Throughput | None = None  # means over the logging window / the launch
     last: dict = field(default_factory=dict)
     val_loss: float | None = None
-    renorm_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.throughput = Throughput(self.tokens_per_step)
@@ -204,7 +179,7 @@ class Job:
         return self.run.train.batch_size * self.run.model.block_size * self.accum * self.layout.dp_size
 
 
-def build_model_engine(run: RunConfig, info: DistInfo, layout: Layout, reshard: bool):
+def build_model_engine(run: RunConfig, info: DistInfo, layout: ParallelLayout, reshard: bool):
     t = run.train
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(run.model)  # the full model on every rank: TP shards are cut from it
@@ -214,12 +189,10 @@ def build_model_engine(run: RunConfig, info: DistInfo, layout: Layout, reshard: 
         model = parallelize_tp(model, t.tp)
     model = model.to(info.device)
     dtype = resolve_dtype(t, info.device)
-    if t.renorm == "naive" and run.model.use_ngpt and t.zero_stage == 0 and dtype != torch.float32:
-        raise ConfigError("renorm=naive cannot reach the fp32 masters at ZeRO 0 with bf16/fp16; use renorm=collective")
     return build_engine(model, t, layout.dp_size, dtype, mpu=layout.mpu, load_universal=reshard)
 
 
-def start_tracker(run: RunConfig, info: DistInfo, layout: Layout, out_dir: Path, ds_config: dict,
+def start_tracker(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path, ds_config: dict,
                   state: dict | None) -> Tracker:
     t = run.train
     tracker = Tracker(out_dir, enabled=info.is_main, tracking_uri=t.tracking_uri or None,
@@ -232,9 +205,10 @@ def start_tracker(run: RunConfig, info: DistInfo, layout: Layout, out_dir: Path,
     return tracker
 
 
-def build_job(run: RunConfig, info: DistInfo, layout: Layout, out_dir: Path) -> Job:
+def build_job(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path, on_step: Callable | None) -> Job:
     """Data, resume plan, model, engine, tracker: everything before the first step."""
     t = run.train
+    post_step = PostStepHook(run, resolve_dtype(t, info.device), on_step)  # validates the method first
     train_data, val_data = prepare_data(run, info)
     tag, saved = plan_resume(run, out_dir, info)
     load_tag, reshard = maybe_reshard(out_dir, tag, saved, run, layout.dp_size, info.is_main)
@@ -247,11 +221,10 @@ def build_job(run: RunConfig, info: DistInfo, layout: Layout, out_dir: Path) -> 
         (out_dir / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2))
         (out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     tracker = start_tracker(run, info, layout, out_dir, ds_config, state)
-    renormalize = collective_renormalize_ if t.renorm == "collective" else renormalize_engine_weights_
     guard = NonFiniteGuard(engine.module, info.device, t.max_nonfinite_steps)
     return Job(run=run, info=info, layout=layout, out_dir=out_dir, engine=engine, optimizer=optimizer, guard=guard,
                tracker=tracker, train_data=train_data, val_data=val_data,
-               accum=per_rank_accumulation(t, layout.dp_size), renormalize=renormalize,
+               accum=per_rank_accumulation(t, layout.dp_size), post_step=post_step,
                step=state["step"] if state else 0, wall_before=state.get("wall_time", 0.0) if state else 0.0)
 
 
@@ -288,7 +261,7 @@ def run_eval(job: Job) -> None:
 
 def train_step(job: Job, lr: float, logging_step: bool) -> tuple[torch.Tensor, float | None, bool]:
     """One optimizer step over this rank's micro batches. The non-finite guard decides, on all
-    ranks together, whether the step is applied. Returns (summed loss, local grad norm, skipped)."""
+    ranks together, whether the step is applied. Returns (summed loss, local grad norm, applied)."""
     t, engine, device = job.run.train, job.engine, job.info.device
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per micro step
     local_grad_norm, skipped = None, False
@@ -309,9 +282,7 @@ def train_step(job: Job, lr: float, logging_step: bool) -> tuple[torch.Tensor, f
         else:
             engine.step()
         loss_sum += loss.detach().float()
-    if not skipped and engine.was_step_applied():
-        job.renorm_bytes = job.renormalize(engine)
-    return loss_sum, local_grad_norm, skipped
+    return loss_sum, local_grad_norm, not skipped and engine.was_step_applied()
 
 
 def eta_seconds(job: Job, mean_step_s: float) -> float:
@@ -339,7 +310,7 @@ def log_step(job: Job, lr: float, loss_sum: torch.Tensor, local_grad_norm, skipp
     job.last = {"train/loss": finite_or_none(train_loss), "lr": lr, "grad_norm": finite_or_none(grad_norm or 0.0),
                 "tokens_per_s": tok_s, "step_time_s": step_time, "memory_mb": memory_mb(info.device),
                 "tokens_seen": float(job.step * job.tokens_per_step), "eta_s": eta,
-                "renorm_bytes": float(job.renorm_bytes or 0), "skipped_steps": float(job.guard.skipped)}
+                "renorm_bytes": float(job.post_step.bytes_last_step), "skipped_steps": float(job.guard.skipped)}
     util = mfu(job.run.model, tok_s, info.world_size, info.device, t.peak_tflops)
     if util is not None:
         job.last["mfu"] = util
@@ -382,7 +353,7 @@ def save_checkpoint(job: Job) -> None:
     job.timer.save_time = time.time() - save_start
 
 
-def loop(job: Job, stop: StopFlag, on_step: Callable | None) -> str:
+def loop(job: Job, stop: StopFlag) -> str:
     """Steps until max_iters or a clean stop; returns the stop reason."""
     t = job.run.train
     start_step = job.step
@@ -396,15 +367,14 @@ def loop(job: Job, stop: StopFlag, on_step: Callable | None) -> str:
             set_lr(job.engine, lr)
             job.timer.start()
             logging_step = (job.step + 1) % t.log_interval == 0 or job.step + 1 == t.max_iters
-            loss_sum, local_grad_norm, skipped = train_step(job, lr, logging_step)
+            loss_sum, local_grad_norm, applied = train_step(job, lr, logging_step)
             job.step += 1
-            job.throughput.add(job.timer.stop(job.info.device))
-            if on_step is not None:
-                on_step(job.engine, job.step)
+            job.post_step(job.engine, job.step, applied)
+            job.throughput.add(job.timer.stop(job.info.device) - job.post_step.callback_seconds)
             if bar is not None:
                 bar.update(1)
             if logging_step:
-                log_step(job, lr, loss_sum, local_grad_norm, skipped, metrics_file)
+                log_step(job, lr, loss_sum, local_grad_norm, not applied, metrics_file)
             if job.step % t.track_interval == 0:
                 job.tracker.log_metrics(model_stats(job.engine), job.step)
             reason = should_stop(job, stop, start_step)
@@ -455,8 +425,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
     stop = StopFlag()  # first: a SIGUSR1 that arrives during start-up must not be lost
     info = init_distributed(run.train.device)
     setup_logging(info.is_main)
-    layout = setup_layout(run, info)
-    per_rank_accumulation(run.train, layout.dp_size)
+    layout = build_layout(run, info.world_size, info.rank)
     out_dir = Path(run.train.out_dir)
     on_rank0(lambda: check_out_dir(out_dir), is_main=info.is_main)
     lock = OutDirLock(out_dir)
@@ -468,11 +437,11 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
             lock.release()
 
 
-def _train_locked(run: RunConfig, info: DistInfo, layout: Layout, out_dir: Path, stop: StopFlag,
+def _train_locked(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path, stop: StopFlag,
                   on_step: Callable | None) -> dict:
-    job = build_job(run, info, layout, out_dir)
+    job = build_job(run, info, layout, out_dir, on_step)
     try:
-        reason = loop(job, stop, on_step)
+        reason = loop(job, stop)
         summary = write_summary(job, reason)
     except BaseException as e:
         # A crash (or an abort) leaves the tracking run FAILED with the reason, never RUNNING.

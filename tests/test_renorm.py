@@ -1,4 +1,4 @@
-"""Collective renormalisation (letngpt.parallel.renorm) against the naive gather-normalise-scatter
+"""Collective renormalisation (letngpt.renorm.collective) against the naive gather-normalise-scatter
 method (letngpt.renorm), on real DeepSpeed engines at ZeRO 0-3 with 2 and 4 CPU ranks (gloo).
 
 The multi-rank checks run in two torchrun launches (tests/workers/renorm_worker.py, one per DP
@@ -14,7 +14,7 @@ import torch
 from conftest import check_ok, run_train
 
 from letngpt.model import unit
-from letngpt.parallel.renorm import _add_square_sums_, _divide_, _Target, check_normalized_axis
+from letngpt.renorm.collective import _add_square_sums_, _divide_, _Target, check_normalized_axis
 
 WORKER = "tests/workers/renorm_worker.py"
 # case = ZeRO stage[:options]; bf16 = bf16 weights (fp32 masters; the shipped recipes accumulate gradients

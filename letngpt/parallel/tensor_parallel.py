@@ -14,7 +14,7 @@ the weights a TP=1 run with the same seed starts from. The layout:
         three only see this rank's heads, so their gradients are summed over the TP group.
 
 Every nGPT-normalised axis is the embedding axis, which this layout never shards, so
-renormalisation needs no TP communication (letngpt.parallel.renorm checks this).
+renormalisation needs no TP communication (letngpt.renorm.collective checks this).
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ def initialize_tp(tp: int) -> None:
     """Build megatron-core's TP x DP process groups (TP ranks are adjacent, as within a node)."""
     from megatron.core import parallel_state
 
-    world = dist.get_world_size()
-    if world % tp:
-        raise ValueError(f"tp ({tp}) must divide the world size ({world})")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
 
@@ -173,9 +170,9 @@ def check_tp_layout(cfg: ModelConfig, tp: int) -> None:
 
 
 def parallelize_tp(model: LETnGPT, tp: int) -> LETnGPT:
-    """Shard `model` in place for this rank's TP group (initialize_tp must have run)."""
+    """Shard `model` in place for this rank's TP group (letngpt.parallel.layout has validated the
+    layout with check_tp_layout and run initialize_tp)."""
     cfg = model.config
-    check_tp_layout(cfg, tp)
     if tp == 1:
         return model
     config = _megatron_config(next(model.parameters()).dtype)

@@ -28,8 +28,8 @@ from letngpt.config import ModelConfig, TrainConfig  # noqa: E402
 from letngpt.distributed import init_distributed, shutdown  # noqa: E402
 from letngpt.engine import DS_CONFIG_DIR, build_engine, resolve_dtype  # noqa: E402
 from letngpt.model import build_model, unit  # noqa: E402
-from letngpt.parallel.renorm import collective_renormalize_, full_fp32_masters  # noqa: E402
-from letngpt.renorm import renormalize_engine_weights_  # noqa: E402
+from letngpt.renorm.collective import collective_renormalize_, full_fp32_masters  # noqa: E402
+from letngpt.renorm.naive import renormalize_engine_weights_  # noqa: E402
 
 # 3 layers, 131 tokens, n_embd 32: ZeRO 1/2 partitions at DP=4 cut normalised rows mid-row (and a
 # dim-0 matrix mid-memory-row), ZeRO 3 cuts wte's rows mid-row at DP=2 (131 * 32 / 2 = 65.5 rows).

@@ -5,7 +5,7 @@ data-parallel ranks) and copies them into the model's weights at the NEXT step, 
 normalising only `model.parameters()` is silently undone (DeepSpeed issue 2424). This is
 the simple method: gather each full fp32 master tensor, normalise it, write back this
 rank's fragment of the master AND the compute weight. Its cost is one gather per matrix;
-the trainer uses letngpt.parallel.renorm (a single all-reduce of row norms) and keeps this
+the trainer uses letngpt.renorm.collective (a single all-reduce of row norms) and keeps this
 one (`--renorm=naive`) as the reference the tests compare against.
 
 Limit: at ZeRO 0 with bf16/fp16 DeepSpeed's FP16_UnfusedOptimizer keeps fp32 masters that
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .model import at_least_fp32, normalize_weights_, unit
+from ..model import at_least_fp32, normalize_weights_, unit
 
 
 def _zero3_params_context(params: list[nn.Parameter]):
