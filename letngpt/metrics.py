@@ -1,14 +1,20 @@
-"""Measurements for the log line: step time, memory, MFU, and the model's learned scalars."""
+"""Measurements for the log line (step time, memory, MFU, the model's learned scalars) and the
+one writer that sends them to stdout, metrics.jsonl and MLflow."""
 
 from __future__ import annotations
 
+import json
+import logging
 import resource
 import time
+from pathlib import Path
 
 import torch
 
 from .config import ModelConfig
 from .flops import flops_per_token, peak_tflops
+
+log = logging.getLogger("letngpt")
 
 
 class StepTimer:
@@ -125,3 +131,37 @@ def model_stats(engine) -> dict[str, float]:
                 for name in ("attn_alpha", "mlp_alpha"):
                     stats[f"{name}/layer{i}/mean_abs"] = float(getattr(block, name)().float().abs().mean())
     return stats
+
+
+class MetricsWriter:
+    """Where every number of a run goes, train and val alike: the log line (rank 0's stdout),
+    `metrics.jsonl` (strict JSON, one record a line with its `kind`: train, val or model) and the
+    tracking run. Readers (compare, tests, dashboards) read the file or MLflow, never stdout."""
+
+    def __init__(self, path: Path | None, tracker) -> None:
+        self.tracker = tracker
+        self._file = open(path, "a") if path is not None else None
+
+    def write(self, kind: str, step: int, metrics: dict[str, float | None], line: str | None = None) -> None:
+        from .guard import finite_or_none
+
+        if line is not None:
+            log.info(line)
+        clean = {k: finite_or_none(v) for k, v in metrics.items()}
+        self.tracker.log_metrics({k: v for k, v in clean.items() if v is not None}, step)
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, "kind": kind, **clean}, allow_nan=False) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_records(path: str | Path, kind: str = "train") -> list[dict]:
+    """The complete records of one kind from a metrics.jsonl (a last line still being written is
+    skipped; files from before records had a kind hold train records only)."""
+    text = Path(path).read_text() if Path(path).exists() else ""
+    rows = [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+    return [r for r in rows if r.get("kind", "train") == kind]

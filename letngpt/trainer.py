@@ -33,7 +33,7 @@ from .engine import build_engine, lr_at, per_rank_accumulation, resolve_dtype, s
 from .errors import DivergedError
 from .fsutil import atomic_write_text
 from .guard import NonFiniteGuard, finite_or_none, skip_optimizer_step, weights_finite
-from .metrics import StepTimer, Throughput, memory_mb, mfu, model_stats, plain_grad_norm
+from .metrics import MetricsWriter, StepTimer, Throughput, memory_mb, mfu, model_stats, plain_grad_norm
 from .model import build_model
 from .parallel.layout import ParallelLayout, build_layout
 from .renorm import PostStepHook
@@ -252,11 +252,10 @@ def evaluate(engine, data: TokenData, run: RunConfig, dp_rank: int, dp_size: int
     return loss_sum / windows
 
 
-def run_eval(job: Job) -> None:
+def run_eval(job: Job, writer: MetricsWriter) -> None:
     job.val_loss = evaluate(job.engine, job.val_data, job.run, job.layout.dp_rank, job.layout.dp_size,
                             job.info.device)
-    log.info("step %d: val loss %.4f", job.step, job.val_loss)
-    job.tracker.log_metrics({"val/loss": job.val_loss}, job.step)
+    writer.write("val", job.step, {"val/loss": job.val_loss}, f"step {job.step}: val loss {job.val_loss:.4f}")
 
 
 def train_step(job: Job, lr: float, logging_step: bool) -> tuple[torch.Tensor, float | None, bool]:
@@ -298,7 +297,8 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def log_step(job: Job, lr: float, loss_sum: torch.Tensor, local_grad_norm, skipped: bool, metrics_file) -> None:
+def log_step(job: Job, writer: MetricsWriter, lr: float, loss_sum: torch.Tensor, local_grad_norm,
+             skipped: bool) -> None:
     """One line (and one metrics record): step, loss, lr, grad norm, tokens/s over the window, MFU
     on GPU, peak memory, tokens seen and an ETA."""
     info, t = job.info, job.run.train
@@ -314,14 +314,11 @@ def log_step(job: Job, lr: float, loss_sum: torch.Tensor, local_grad_norm, skipp
     util = mfu(job.run.model, tok_s, info.world_size, info.device, t.peak_tflops)
     if util is not None:
         job.last["mfu"] = util
-    log.info("step %d/%d: loss %.4f lr %.2e grad %.3f | %.0f tok/s %.3fs/step%s | peak mem %.0f MB | %.2fM tokens "
-             "| eta %s%s", job.step, t.max_iters, train_loss, lr, float(grad_norm or 0.0), tok_s, step_time,
-             f" mfu {util:.1%}" if util is not None else "", job.last["memory_mb"], job.last["tokens_seen"] / 1e6,
-             format_duration(eta), " (skipped: non-finite)" if skipped else "")
-    job.tracker.log_metrics({k: v for k, v in job.last.items() if v is not None}, job.step)
-    if metrics_file:
-        metrics_file.write(json.dumps({"step": job.step, **job.last}, allow_nan=False) + "\n")
-        metrics_file.flush()
+    line = (f"step {job.step}/{t.max_iters}: loss {train_loss:.4f} lr {lr:.2e} grad {float(grad_norm or 0.0):.3f} | "
+            f"{tok_s:.0f} tok/s {step_time:.3f}s/step{f' mfu {util:.1%}' if util is not None else ''} | "
+            f"peak mem {job.last['memory_mb']:.0f} MB | {job.last['tokens_seen'] / 1e6:.2f}M tokens | "
+            f"eta {format_duration(eta)}{' (skipped: non-finite)' if skipped else ''}")
+    writer.write("train", job.step, job.last, line)
 
 
 def should_stop(job: Job, stop: StopFlag, start_step: int) -> str | None:
@@ -353,43 +350,49 @@ def save_checkpoint(job: Job) -> None:
     job.timer.save_time = time.time() - save_start
 
 
+def step_once(job: Job, writer: MetricsWriter, stop: StopFlag, start_step: int) -> str | None:
+    """Evaluate when due, train one step, run the post-step hook, log, checkpoint when due.
+    Returns the reason to stop (after a checkpoint), or None to go on."""
+    t = job.run.train
+    if job.step % t.eval_interval == 0:
+        run_eval(job, writer)
+    lr = lr_at(job.step, t)
+    set_lr(job.engine, lr)
+    job.timer.start()
+    logging_step = (job.step + 1) % t.log_interval == 0 or job.step + 1 == t.max_iters
+    loss_sum, local_grad_norm, applied = train_step(job, lr, logging_step)
+    job.step += 1
+    job.post_step(job.engine, job.step, applied)
+    job.throughput.add(job.timer.stop(job.info.device) - job.post_step.callback_seconds)
+    if logging_step:
+        log_step(job, writer, lr, loss_sum, local_grad_norm, not applied)
+    if job.step % t.track_interval == 0:
+        writer.write("model", job.step, model_stats(job.engine))
+    reason = should_stop(job, stop, start_step)
+    if reason or job.step % t.checkpoint_interval == 0 or job.step == t.max_iters:
+        save_checkpoint(job)
+    return reason
+
+
 def loop(job: Job, stop: StopFlag) -> str:
     """Steps until max_iters or a clean stop; returns the stop reason."""
-    t = job.run.train
-    start_step = job.step
+    t, start_step = job.run.train, job.step
     bar = progress_bar(job.info.is_main, job.step, t.max_iters)
-    metrics_file = open(job.out_dir / "metrics.jsonl", "a") if job.info.is_main else None
+    writer = MetricsWriter(job.out_dir / "metrics.jsonl" if job.info.is_main else None, job.tracker)
     try:
         while job.step < t.max_iters:
-            if job.step % t.eval_interval == 0:
-                run_eval(job)
-            lr = lr_at(job.step, t)
-            set_lr(job.engine, lr)
-            job.timer.start()
-            logging_step = (job.step + 1) % t.log_interval == 0 or job.step + 1 == t.max_iters
-            loss_sum, local_grad_norm, applied = train_step(job, lr, logging_step)
-            job.step += 1
-            job.post_step(job.engine, job.step, applied)
-            job.throughput.add(job.timer.stop(job.info.device) - job.post_step.callback_seconds)
+            reason = step_once(job, writer, stop, start_step)
             if bar is not None:
                 bar.update(1)
-            if logging_step:
-                log_step(job, lr, loss_sum, local_grad_norm, not applied, metrics_file)
-            if job.step % t.track_interval == 0:
-                job.tracker.log_metrics(model_stats(job.engine), job.step)
-            reason = should_stop(job, stop, start_step)
-            if reason or job.step % t.checkpoint_interval == 0 or job.step == t.max_iters:
-                save_checkpoint(job)
             if reason:
                 log.info("stopping at step %d (%s); checkpoint saved", job.step, reason)
                 return reason
+        run_eval(job, writer)  # the loop ends before evaluating its last step
+        return "max_iters"
     finally:
         if bar is not None:
             bar.close()
-        if metrics_file:
-            metrics_file.close()
-    run_eval(job)  # the loop exits before evaluating its last step
-    return "max_iters"
+        writer.close()
 
 
 def write_summary(job: Job, stop_reason: str) -> dict:

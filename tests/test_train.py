@@ -31,6 +31,9 @@ def test_single_process_run(reference_run):
     last = read_metrics(reference_run)[-1]  # the log line's fields: tokens seen (4 x 64 x 2 a step), ETA, memory
     assert last["tokens_seen"] == 15 * 4 * 64 * 2 and last["eta_s"] == 0 and last["memory_mb"] > 0
     assert read_metrics(reference_run)[4]["eta_s"] > 0
+    vals = read_metrics(reference_run, "val")  # the same writer: val records beside the train ones
+    assert [v["step"] for v in vals] == [0, 10, 15] and vals[-1]["val/loss"] == summary["val_loss"]
+    assert {r["step"] for r in read_metrics(reference_run, "model")} == {5, 10, 15}  # track_interval 5
     assert checkpoint.latest_tag(reference_run) == "step_00000015"
     assert summary["val_loss"] < 5.4 and summary["tokens_per_s"] > 0
 
