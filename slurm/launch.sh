@@ -19,6 +19,7 @@
 #   DATA_DIR          passed as --data_dir
 #   LETNGPT_NPROC_PER_NODE  processes per node (default: GPUs allocated on the node)
 #   MASTER_ADDR, MASTER_PORT   rendezvous host (default: first node's address) and port
+#                     (default: a free port on the batch node, i.e. the first node)
 #   CONTAINER_IMAGE   run each node's task in this image (pyxis: srun --container-image)
 #   CONTAINER_MOUNTS  extra pyxis mounts (src:dst[,src:dst]); $ROOT, OUT_DIR and DATA_DIR are
 #                     always mounted at the same path
@@ -151,7 +152,21 @@ if [[ -z ${MASTER_ADDR:-} ]]; then
     MASTER_ADDR=$(scontrol show node "$master_node" -o 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
     MASTER_ADDR=${MASTER_ADDR:-$master_node}
 fi
-MASTER_PORT=${MASTER_PORT:-$((10000 + JOB_ID % 20000))}  # below Linux's ephemeral ports
+# Its port: a free one, chosen here. The batch script runs on the allocation's first node, which
+# hosts the rendezvous, so "free here" is what counts; a port derived from the job id alone
+# could be another job's on a shared node. Between this check and torchrun's bind the port is
+# not reserved, so two jobs starting in the same second draw at random from 12768 ports.
+if [[ -z ${MASTER_PORT:-} ]]; then
+    MASTER_PORT=$(python3 "$ROOT/slurm/free_port.py") || {
+        MASTER_PORT=$((10000 + JOB_ID % 20000))
+        log "warning: no free port found (python3 missing?); using $MASTER_PORT (set MASTER_PORT to choose)"
+    }
+    if [[ -n ${master_node:-} && -n ${SLURMD_NODENAME:-} && $SLURMD_NODENAME != "$master_node" ]]; then
+        log "warning: port $MASTER_PORT was found free on $SLURMD_NODENAME, but $master_node hosts the rendezvous"
+    fi
+fi
+[[ $MASTER_PORT =~ ^[0-9]+$ && $MASTER_PORT -ge 1 && $MASTER_PORT -le 65535 ]] \
+    || die "MASTER_PORT=$MASTER_PORT is not a port number"
 export MASTER_ADDR MASTER_PORT
 
 # Defaults for the trainers; anything already set in the environment wins.
