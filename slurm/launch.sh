@@ -52,7 +52,41 @@ die() {
 # to torchrun it would either die of it (the default action), or, told to handle it
 # (--signals_to_handle), forward it and SIGKILL any worker still saving after
 # --shutdown_timeout (30 s by default), then exit 1 although every worker exited 0.
+#
+# torchrun options newer than some images' torch (--signals_to_handle: torch 2.9; --shutdown_timeout:
+# 2026; the default base image's torch is 2.6) are passed only where this node's torchrun lists
+# them in its --help. Without them torchrun still forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to the
+# workers, but SIGKILLs a worker 30 s after a SIGTERM.
 # ---------------------------------------------------------------------------------------
+LATE_TORCHRUN_OPTIONS=(--signals_to_handle --shutdown_timeout)
+
+# node_args := "$@" less the late options this torchrun lacks (only before the script's name).
+keep_supported_torchrun_options() {
+    local help arg opt late i dropped=()
+    help=$("${PYTHON:-python3}" -m torch.distributed.run --help 2>&1) \
+        || die "'${PYTHON:-python3} -m torch.distributed.run --help' failed on $(hostname -s): $(tail -n 1 <<<"$help")"
+    node_args=()
+    for ((i = 1; i <= $#; i++)); do
+        arg=${!i}
+        if [[ $arg != -* ]]; then  # the script: it and its arguments go through untouched
+            node_args+=("${@:i}")
+            break
+        fi
+        opt=${arg%%=*}
+        for late in "${LATE_TORCHRUN_OPTIONS[@]}"; do
+            if [[ $opt == "$late" && $help != *"$late"* && $help != *"${late//_/-}"* ]]; then
+                dropped+=("$opt")
+                continue 2
+            fi
+        done
+        node_args+=("$arg")
+    done
+    if [[ ${#dropped[@]} -gt 0 && ${SLURM_NODEID:-0} == 0 ]]; then
+        echo "[launch] warning: this torchrun lacks ${dropped[*]} (older torch): not passing them;" \
+            "it SIGKILLs workers 30 s after a SIGTERM" >&2
+    fi
+}
+
 if [[ ${1:-} == __node__ ]]; then  # (stage 1 is below)
     shift
     if [[ -n ${VENV:-} ]]; then
@@ -61,8 +95,9 @@ if [[ ${1:-} == __node__ ]]; then  # (stage 1 is below)
     fi
     is_host=0
     [[ ${SLURM_NODEID:-0} == 0 ]] && is_host=1
+    keep_supported_torchrun_options "$@"
     trap '' USR1  # inherited (SIG_IGN) by torchrun; train.py installs its own handler
-    exec "${PYTHON:-python3}" -m torch.distributed.run --rdzv_conf="is_host=$is_host" "$@"
+    exec "${PYTHON:-python3}" -m torch.distributed.run --rdzv_conf="is_host=$is_host" "${node_args[@]}"
 fi
 
 # ---------------------------------------------------------------------------------------
