@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
-# System packages for the SLURM cluster tests (tests/test_slurm.py): a real slurmctld, two
-# slurmd and munge on loopback. Idempotent: returns at once when everything is installed.
-# Needs root (or passwordless sudo) and apt; anywhere else it says so and exits 0, and
-# tests/test_slurm.py then skips (or fails, under CI=true).
+# System packages for the tests that start real servers: SLURM (tests/test_slurm.py: a real
+# slurmctld, two slurmd and munge on loopback) and PostgreSQL (tests/test_mlflow_postgres.py:
+# an MLflow server on it). Idempotent: returns at once when everything is installed.
+# Needs root (or passwordless sudo) and apt; anywhere else it says so and exits 0, and those
+# tests then skip (or fail, under CI=true).
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge)
-BINARIES=(slurmctld slurmd sbatch scontrol munged mungekey)
+PACKAGES=(slurmctld slurmd slurm-client munge postgresql)
+BINARIES=(slurmctld slurmd sbatch scontrol munged mungekey runuser)
+# Debian keeps PostgreSQL's server programs in a versioned folder, off PATH.
+PG_BINARIES=(initdb pg_ctl postgres)
+
+have_postgres() {
+    local bindir b
+    for bindir in /usr/lib/postgresql/*/bin; do
+        for b in "${PG_BINARIES[@]}"; do
+            [[ -x $bindir/$b ]] || continue 2
+        done
+        return 0
+    done
+    return 1
+}
 
 have_all() {
     local b
     for b in "${BINARIES[@]}"; do
-        command -v "$b" >/dev/null 2>&1 || [[ -x /usr/sbin/$b ]] || return 1
+        command -v "$b" >/dev/null 2>&1 || [[ -x /usr/sbin/$b ]] || [[ -x /sbin/$b ]] || return 1
     done
+    have_postgres
 }
 
 if have_all; then
-    echo "install_system: SLURM and munge already installed"
+    echo "install_system: SLURM, munge and PostgreSQL already installed"
     exit 0
 fi
 
@@ -25,18 +40,19 @@ if [[ $(id -u) -ne 0 ]]; then
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
         SUDO=(sudo -n)
     else
-        echo "install_system: not root and no passwordless sudo; SLURM tests will be skipped" >&2
+        echo "install_system: not root and no passwordless sudo; SLURM and PostgreSQL tests will be skipped" >&2
         exit 0
     fi
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install_system: no apt-get; SLURM tests will be skipped" >&2
+    echo "install_system: no apt-get; SLURM and PostgreSQL tests will be skipped" >&2
     exit 0
 fi
 
 export DEBIAN_FRONTEND=noninteractive
 # The packages' scripts must not start system daemons (the tests start their own, and CI
-# containers have no init): a temporary policy-rc.d says "not now" unless one exists.
+# containers have no init; postgresql's would start its default cluster): a temporary
+# policy-rc.d says "not now" unless one exists.
 policy=/usr/sbin/policy-rc.d
 own_policy=0
 if [[ ! -e $policy ]]; then

@@ -1,11 +1,14 @@
 # syntax=docker/dockerfile:1
 # A small MLflow tracking server image for docker/compose.yml (the letngpt image would work
-# too, but it is tens of GB). MLFLOW_VERSION should match the clients' major version.
+# too, but it is tens of GB). MLFLOW_VERSION should match the clients' major version. psycopg (3)
+# is the PostgreSQL driver of a `postgresql+psycopg://` backend store (compose.yml's); the
+# image's own default, without arguments, is a SQLite file.
 ARG PYTHON_IMAGE=python:3.12-slim
 FROM ${PYTHON_IMAGE}
 ARG MLFLOW_VERSION=3.17.2
+ARG PSYCOPG_VERSION=3.3.9
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
-RUN pip install --no-cache-dir "mlflow==${MLFLOW_VERSION}" \
+RUN pip install --no-cache-dir "mlflow==${MLFLOW_VERSION}" "psycopg[binary]==${PSYCOPG_VERSION}" \
     && useradd --create-home --uid 1000 --shell /bin/bash mlflow \
     && mkdir -p /mlflow/db /mlflow/artifacts \
     && chown -R mlflow:mlflow /mlflow

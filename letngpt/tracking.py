@@ -9,9 +9,11 @@ never pay for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sqlite3
 import ssl
 import subprocess
 import tempfile
@@ -68,29 +70,51 @@ def _reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
         return isinstance(getattr(exc, "reason", exc), ssl.SSLError)
 
 
-def _seed_sqlite(db: Path) -> None:
-    """Copy an empty, migrated store into place. A new MLflow sqlite store runs its schema migrations,
-    which cost seconds, so they run once per MLflow version into a per-user cache. Best effort: on any
-    failure MLflow builds the store itself."""
-    db.parent.mkdir(parents=True, exist_ok=True)
-    if db.exists():
-        return
-    try:
-        import mlflow
+def _migrated_store(dest: Path) -> None:
+    """An empty, migrated store at `dest`: a copy of a per-user template (one per MLflow version: a new
+    store runs its schema migrations, which cost seconds), or built in place without a writable cache."""
+    import mlflow
 
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "letngpt"
-        template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "letngpt"
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    try:
         if not template.exists():
             cache.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache, suffix=".db")
             os.close(fd)
             mlflow.MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)  # runs the migrations
             os.replace(tmp, template)
-        tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")  # not mkstemp: the store keeps umask permissions
-        shutil.copyfile(template, tmp)
+        shutil.copyfile(template, dest)
+    except OSError as exc:
+        log.debug("no MLflow store template (%s); building %s", exc, dest)
+        mlflow.MlflowClient(f"sqlite:///{dest}").search_experiments(max_results=1)
+
+
+def _retire_default_experiment(db: Path, home: Path) -> None:
+    """MLflow puts an experiment "Default" (id 0) in every new store, its artifacts in the creating
+    process's ./mlruns/0: in a copied template, somebody else's folder. We never use it, and MLflow
+    recreates it when missing, so it stays, deleted, with its artifacts inside the run's own folder:
+    the store lists only letngpt's experiment and points nowhere foreign (`mlflow gc` included)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE experiments SET artifact_location = ?, lifecycle_stage = 'deleted' "
+                     "WHERE experiment_id = 0", (str(home / "mlartifacts" / "0"),))
+
+
+def _seed_sqlite(db: Path) -> None:
+    """Put an empty, migrated store without a stray "Default" experiment at `db` unless one exists.
+    Best effort: on any failure MLflow builds the store itself when the tracker opens it."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    if db.exists():
+        return
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")  # not mkstemp: the store keeps umask permissions
+    try:
+        _migrated_store(tmp)
+        _retire_default_experiment(tmp, db.parent.resolve())
         os.replace(tmp, db)
     except Exception as exc:
-        log.debug("no MLflow store template (%s); MLflow will build %s itself", exc, db)
+        log.debug("could not prepare the MLflow store %s (%s); MLflow will build it itself", db, exc)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Tracker:

@@ -19,6 +19,7 @@
 #   DATA_DIR          passed as --data_dir
 #   LETNGPT_NPROC_PER_NODE  processes per node (default: GPUs allocated on the node)
 #   MASTER_ADDR, MASTER_PORT   rendezvous host (default: first node's address) and port
+#                     (default: a free port on the batch node, i.e. the first node)
 #   CONTAINER_IMAGE   run each node's task in this image (pyxis: srun --container-image)
 #   CONTAINER_MOUNTS  extra pyxis mounts (src:dst[,src:dst]); $ROOT, OUT_DIR and DATA_DIR are
 #                     always mounted at the same path
@@ -51,7 +52,41 @@ die() {
 # to torchrun it would either die of it (the default action), or, told to handle it
 # (--signals_to_handle), forward it and SIGKILL any worker still saving after
 # --shutdown_timeout (30 s by default), then exit 1 although every worker exited 0.
+#
+# torchrun options newer than some images' torch (--signals_to_handle: torch 2.9; --shutdown_timeout:
+# 2026; the default base image's torch is 2.6) are passed only where this node's torchrun lists
+# them in its --help. Without them torchrun still forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to the
+# workers, but SIGKILLs a worker 30 s after a SIGTERM.
 # ---------------------------------------------------------------------------------------
+LATE_TORCHRUN_OPTIONS=(--signals_to_handle --shutdown_timeout)
+
+# node_args := "$@" less the late options this torchrun lacks (only before the script's name).
+keep_supported_torchrun_options() {
+    local help arg opt late i dropped=()
+    help=$("${PYTHON:-python3}" -m torch.distributed.run --help 2>&1) \
+        || die "'${PYTHON:-python3} -m torch.distributed.run --help' failed on $(hostname -s): $(tail -n 1 <<<"$help")"
+    node_args=()
+    for ((i = 1; i <= $#; i++)); do
+        arg=${!i}
+        if [[ $arg != -* ]]; then  # the script: it and its arguments go through untouched
+            node_args+=("${@:i}")
+            break
+        fi
+        opt=${arg%%=*}
+        for late in "${LATE_TORCHRUN_OPTIONS[@]}"; do
+            if [[ $opt == "$late" && $help != *"$late"* && $help != *"${late//_/-}"* ]]; then
+                dropped+=("$opt")
+                continue 2
+            fi
+        done
+        node_args+=("$arg")
+    done
+    if [[ ${#dropped[@]} -gt 0 && ${SLURM_NODEID:-0} == 0 ]]; then
+        echo "[launch] warning: this torchrun lacks ${dropped[*]} (older torch): not passing them;" \
+            "it SIGKILLs workers 30 s after a SIGTERM" >&2
+    fi
+}
+
 if [[ ${1:-} == __node__ ]]; then  # (stage 1 is below)
     shift
     if [[ -n ${VENV:-} ]]; then
@@ -60,8 +95,9 @@ if [[ ${1:-} == __node__ ]]; then  # (stage 1 is below)
     fi
     is_host=0
     [[ ${SLURM_NODEID:-0} == 0 ]] && is_host=1
+    keep_supported_torchrun_options "$@"
     trap '' USR1  # inherited (SIG_IGN) by torchrun; train.py installs its own handler
-    exec "${PYTHON:-python3}" -m torch.distributed.run --rdzv_conf="is_host=$is_host" "$@"
+    exec "${PYTHON:-python3}" -m torch.distributed.run --rdzv_conf="is_host=$is_host" "${node_args[@]}"
 fi
 
 # ---------------------------------------------------------------------------------------
@@ -151,7 +187,21 @@ if [[ -z ${MASTER_ADDR:-} ]]; then
     MASTER_ADDR=$(scontrol show node "$master_node" -o 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
     MASTER_ADDR=${MASTER_ADDR:-$master_node}
 fi
-MASTER_PORT=${MASTER_PORT:-$((10000 + JOB_ID % 20000))}  # below Linux's ephemeral ports
+# Its port: a free one, chosen here. The batch script runs on the allocation's first node, which
+# hosts the rendezvous, so "free here" is what counts; a port derived from the job id alone
+# could be another job's on a shared node. Between this check and torchrun's bind the port is
+# not reserved, so two jobs starting in the same second draw at random from 12768 ports.
+if [[ -z ${MASTER_PORT:-} ]]; then
+    MASTER_PORT=$(python3 "$ROOT/slurm/free_port.py") || {
+        MASTER_PORT=$((10000 + JOB_ID % 20000))
+        log "warning: no free port found (python3 missing?); using $MASTER_PORT (set MASTER_PORT to choose)"
+    }
+    if [[ -n ${master_node:-} && -n ${SLURMD_NODENAME:-} && $SLURMD_NODENAME != "$master_node" ]]; then
+        log "warning: port $MASTER_PORT was found free on $SLURMD_NODENAME, but $master_node hosts the rendezvous"
+    fi
+fi
+[[ $MASTER_PORT =~ ^[0-9]+$ && $MASTER_PORT -ge 1 && $MASTER_PORT -le 65535 ]] \
+    || die "MASTER_PORT=$MASTER_PORT is not a port number"
 export MASTER_ADDR MASTER_PORT
 
 # Defaults for the trainers; anything already set in the environment wins.

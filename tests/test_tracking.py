@@ -242,6 +242,34 @@ def test_new_stores_are_seeded_from_the_cache(tmp_path, cache_dir):
         assert len(client.search_runs([client.get_experiment_by_name("letngpt").experiment_id])) == 1
 
 
+
+@pytest.mark.parametrize("cache", ["shared", "unwritable"])
+def test_new_stores_hold_no_stray_default_experiment(tmp_path, monkeypatch, cache):
+    """MLflow's "Default" (id 0) would point at the template maker's ./mlruns/0: it is retired
+    into the run's own folder, whether the store is a template copy or built in place."""
+    from mlflow.entities import ViewType
+
+    if cache == "unwritable":
+        (tmp_path / "not-a-folder").write_text("")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
+    names = ("a", "b") if cache == "shared" else ("a",)  # a built store costs its migrations (seconds)
+    for name in names:  # each from another working directory than the one before
+        (tmp_path / f"cwd-{name}").mkdir()
+        monkeypatch.chdir(tmp_path / f"cwd-{name}")
+        tracker = Tracker(tmp_path / name)
+        assert tracker.start()
+        tracker.end()
+    for name in names:
+        client = client_for(tmp_path / name)
+        assert [e.name for e in client.search_experiments()] == ["letngpt"]
+        everything = {e.name: e for e in client.search_experiments(view_type=ViewType.ALL)}
+        assert set(everything) == {"letngpt", "Default"}, everything  # MLflow recreates a missing one
+        default = everything["Default"]
+        assert default.lifecycle_stage == "deleted"
+        assert Path(default.artifact_location).is_relative_to(tmp_path / name), default.artifact_location
+    assert not list(tmp_path.rglob("mlruns")), "something was written to a working directory's mlruns/"
+
+
 def test_flatten():
     assert flatten({}) == {}
     assert flatten({"a": 1, "b": {"c": [1, 2], "d": {"e": None}}, "f": {}}) == {
