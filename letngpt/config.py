@@ -95,7 +95,8 @@ class TrainConfig:
     zero_stage: int = 1
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: str = "auto"
-    compile: bool = False
+    compile: bool = False  # torch.compile the model inside the DeepSpeed engine (letngpt.engine.compile_engine)
+    activation_checkpointing: bool = False  # recompute each block in backward: activation memory ~ one block
     tp: int = 1
     renorm: str = "collective"  # collective: one all-reduce of row norms; naive: gather whole matrices
     tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI or a local store in out_dir

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -76,15 +78,42 @@ def lr_at(step: int, train: TrainConfig) -> float:
     return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (train.learning_rate - train.min_lr)
 
 
+def check_compile(train: TrainConfig, device: torch.device) -> None:
+    """--compile=true where it cannot work stops here in one line, not deep inside the first forward.
+
+    ZeRO 0-3, tensor parallelism and activation checkpointing all compile (tests/test_speed.py); what
+    remains is inductor's CPU backend, which writes and builds C++ and so needs a C++ compiler."""
+    if not train.compile or device.type != "cpu":
+        return
+    compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    if not any(shutil.which(c) for c in compilers):
+        raise ConfigError(f"--compile=true on CPU needs a C++ compiler for inductor ({' or '.join(compilers)} "
+                          "not found); install one or use --compile=false")
+
+
+def compile_engine(engine, train: TrainConfig) -> None:
+    """--compile=true: DeepSpeed's own `engine.compile()`, i.e. torch.compile (inductor) of the module
+    inside the engine, so DeepSpeed's forward / backward / step wrappers, ZeRO's gradient hooks and our
+    renormalisation of the fp32 masters stay outside the compiled graph (they act on parameters, which
+    the compiled code reads afresh on every call). nGPT's unit()/sphere_step/scale-vector chains are
+    the elementwise work inductor fuses. megatron's TP layers are autograd Functions with collectives;
+    dynamo traces them as such (same results, see tests/test_speed.py)."""
+    if train.compile:
+        engine.compile(backend="inductor")
+
+
 def build_engine(model: nn.Module, train: TrainConfig, dp_size: int, dtype: torch.dtype, mpu=None,
                  load_universal: bool = False):
     import deepspeed
 
+    check_compile(train, next(model.parameters()).device)
+    model.checkpoint_blocks = train.activation_checkpointing  # the model's only knob for it
     ds_config = build_ds_config(train, dp_size, dtype, load_universal)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate,
                                   betas=(train.beta1, train.beta2), eps=1e-8, **fused)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    compile_engine(engine, train)
     return engine, ds_config
 
 
