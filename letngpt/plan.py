@@ -22,7 +22,6 @@ Where each figure comes from (all printed beside the result):
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 
@@ -218,29 +217,46 @@ def renorm_rows(cfg: ModelConfig, tp: int) -> int:
     return sum(params[name].shape[1 - dim] // tp for name, dim in model.unit_norm_axes().items())
 
 
-def communication(run: RunConfig, c: Cluster, params: int) -> dict:
-    """Payload bytes per GPU per optimizer step, and wire bytes (ring algorithms) with the link used."""
+# DeepSpeed ZeRO 3 defaults (zero_optimization.param_persistence_threshold / max_reuse_distance, elements)
+PERSISTENCE_THRESHOLD, MAX_REUSE_DISTANCE = 100_000, 1_000_000_000
+
+
+def zero_collectives(stage: int, micro: int, params: int, persistent: int, wb: int) -> dict:
+    """Payload bytes of one optimizer step's ZeRO collectives, as DeepSpeed issues them (counted on CPU
+    ranks in tests/test_plan.py): ZeRO 0 and 1 all-reduce the gradients once per step, ZeRO 2 once per
+    micro batch; ZeRO 1 and 2 then all-gather the updated weights. ZeRO 3 gathers each weight above the
+    persistence threshold once per micro batch (twice when the model exceeds max_reuse_distance, so
+    that backward must gather again), reduce-scatters the gradients per micro batch, and gathers the
+    small persistent weights once after the step. Returns payload and ring wire factors' sum."""
+    grads = wb * params
+    if stage in (0, 1, 2):
+        reduces = micro if stage == 2 else 1
+        gather = grads if stage else 0
+        return {"collective": f"all-reduce of gradients x{reduces}" + (", all-gather of weights x1" if stage else ""),
+                "payload": reduces * grads + gather, "allreduce_payload": reduces * grads}
+    per_micro = 2 if params > MAX_REUSE_DISTANCE else 1
+    gathers = micro * per_micro * wb * (params - persistent) + wb * persistent
+    return {"collective": f"all-gather of weights x{micro * per_micro} (persistent ones x1), "
+                          f"reduce-scatter of gradients x{micro}",
+            "payload": gathers + micro * grads, "allreduce_payload": 0}
+
+
+def communication(run: RunConfig, c: Cluster, params: int, persistent: int, wb: int = 2) -> dict:
+    """Payload bytes per GPU per optimizer step, and wire bytes per GPU (ring algorithms) with the link used."""
     m, t = run.model, run.train
     micro = t.gradient_accumulation_steps // c.dp
-    act = t.batch_size * m.block_size * m.n_embd * 2  # one bf16 [B, T, d] tensor
+    act = t.batch_size * m.block_size * m.n_embd * wb  # one [B, T, d] activation
     tp = {"payload": 0, "wire": 0.0}
     if c.tp > 1:  # per micro batch: blocks 2 forward (+2 recomputed) + 5 backward, embedding, head, loss
         per_block = 2 + 5 + (2 if c.activation_checkpointing else 0)
         payload = micro * ((per_block * m.n_layer + 2) * act + 3 * t.batch_size * m.block_size * 4)
         tp = {"payload": payload, "wire": payload * 2 * (c.tp - 1) / c.tp, "collective": "all-reduce",
               "link": "intra-node"}
-    n, grads = c.dp, 2 * params
+    n = c.dp
     ring = (n - 1) / n
-    if c.zero_stage == 0:
-        zero = {"collective": "all-reduce of gradients, once per step", "payload": grads, "wire": 2 * ring * grads}
-    elif c.zero_stage in (1, 2):
-        times = 1 if c.zero_stage == 1 else micro
-        zero = {"collective": f"reduce-scatter of gradients x{times}, all-gather of weights x1",
-                "payload": times * grads + grads, "wire": ring * (times * grads + grads)}
-    else:
-        gathers = micro * (3 if c.activation_checkpointing else 2)
-        zero = {"collective": f"all-gather of weights x{gathers}, reduce-scatter of gradients x{micro}",
-                "payload": (gathers + micro) * grads, "wire": ring * (gathers + micro) * grads}
+    zero = zero_collectives(c.zero_stage, micro, params, persistent, wb) if n > 1 else {
+        "collective": "none (dp 1)", "payload": 0, "allreduce_payload": 0}
+    zero["wire"] = ring * (zero["payload"] + zero.pop("allreduce_payload"))  # all-reduce: twice the ring traffic
     zero["link"] = "inter-node" if c.nodes > 1 and n > 1 else "intra-node"
     rows = renorm_rows(m, c.tp) if m.use_ngpt and c.zero_stage >= 1 and n > 1 else 0
     renorm = {"collective": "one all-reduce of fp32 row norms", "payload": 4 * rows, "wire": 2 * ring * 4 * rows,
@@ -262,7 +278,8 @@ def plan(run: RunConfig, c: Cluster) -> dict:
     m, t = run.model, run.train
     params = local_params(m, c.tp)
     with torch.device("meta"):
-        largest = max(p.numel() for p in build_model(m).parameters()) // c.tp
+        sizes = [p.numel() // c.tp for p in build_model(m).parameters()]
+    largest, persistent = max(sizes), sum(n for n in sizes if n <= PERSISTENCE_THRESHOLD)
     states = model_states(params, largest, c.dp, c.zero_stage)
     acts = activations(run, c)
     need = states["total"] + acts["total"] + c.overhead_gib * GiB
@@ -272,7 +289,7 @@ def plan(run: RunConfig, c: Cluster) -> dict:
     flops = flops_per_token(m) * tokens * recompute
     peak = PEAK_TFLOPS[GPUS[c.gpu][1]] * 1e12
     compute_s = flops / c.world / (peak * c.mfu)
-    comm = communication(run, c, params)
+    comm = communication(run, c, params, persistent)
     comm_s = {k: seconds(v["wire"], v.get("link", "intra-node"), c) for k, v in comm.items()}
     step_s = compute_s + sum(comm_s.values())
     return {"run": run.name, "cluster": c.__dict__ | {"world": c.world, "dp": c.dp},
