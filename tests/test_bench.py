@@ -244,3 +244,25 @@ def test_out_of_memory_in_one_variant_spares_the_others(tmp_path, monkeypatch):
     assert summary["presets"]["GPT_1kctx_10k_lr30e-4"]["status"] == "oom"
     assert summary["presets"]["nGPT_1kctx_10k_lr30e-4"]["status"] == "timed out"  # killed before any JSON
     assert set(summary["presets"]) == {"GPT_1kctx_10k_lr30e-4", "nGPT_1kctx_10k_lr30e-4"}
+
+
+def test_throughput_checkpointed_twins_report_ratios(tmp_path, capsys, monkeypatch):
+    """--activation_checkpointing adds a `[ckpt]` twin per variant, measured in the same rounds, whose step
+    time and peak memory are divided by its plain variant's; the probe is told to checkpoint."""
+    asked = []
+
+    def probe(cfg, *a, checkpointing=False, **k):  # stub: the plumbing and arithmetic are under test here
+        asked.append(checkpointing)
+        return {"kind": "stub", "peak_mb": 40.0 if checkpointing else 100.0}
+
+    monkeypatch.setattr(throughput, "memory_in_subprocess", probe)
+    throughput.main(MICRO + ["--maps", "3", "--activation_checkpointing", "--out", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out
+    data = {r["name"]: r for r in json.loads((tmp_path / "r.json").read_text())["variants"]}
+    assert sorted(asked) == [False] * 3 + [True] * 3
+    for name in ("GPT", "nGPT", "LET-nGPT M=3"):
+        twin = data[f"{name} [ckpt]"]
+        assert twin["vs_plain_memory"] == 0.4
+        assert twin["vs_plain_step"] == pytest.approx(twin["step_ms_median"] / data[name]["step_ms_median"])
+        assert twin["final_loss"] == pytest.approx(data[name]["final_loss"], abs=1e-6)  # same model, same steps
+    assert "compiled / checkpointed twins vs the plain (eager) variant" in printed
