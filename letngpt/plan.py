@@ -347,6 +347,37 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
+TABLE_PRESETS = ("LETNGPT_1kctx_10k_lr30e-4", "LETNGPT_4kctx_10k_lr30e-4")
+
+
+def table(gpu: str = "H100-80GB", zero_stage: int = 1) -> str:
+    """README's table: the LET-nGPT 1k and 4k presets on 1, 4 and 16 nodes of 8 GPUs at TP 1 and 2."""
+    import dataclasses
+
+    from .presets import get_config
+
+    head = "| preset | nodes x GPUs | TP x DP | model states GiB | activations GiB | fits 80 GiB | step s | " \
+           "tokens/s | h to 10k |"
+    rows = [head, "|" + "---|" * 9]
+    for name in TABLE_PRESETS:
+        for nodes in (1, 4, 16):
+            for tp in (1, 2):
+                c = Cluster(nodes, 8, tp, zero_stage, gpu)
+                label = f"| {name} | {nodes} x 8 | {tp} x {c.dp} |"
+                try:
+                    p = plan(get_config(name), c)
+                except ConfigError as e:
+                    rows.append(f"{label} {e} ||||||")
+                    continue
+                if not p["fits"]:  # the remedy the planner suggests first
+                    p = plan(get_config(name), dataclasses.replace(c, activation_checkpointing=True))
+                ckpt = " (ckpt)" if p["cluster"]["activation_checkpointing"] else ""
+                rows.append(f"{label} {p['model_states']['total'] / GiB:.1f} | {p['activations']['total'] / GiB:.1f}"
+                            f"{ckpt} | {'yes' if p['fits'] else 'no'} | {p['step_s']:.2f} | {p['tokens_per_s']:,.0f} | "
+                            f"{p['hours_to_max_iters']:.1f} |")
+    return "\n".join(rows)
+
+
 def parse_args(argv: list[str]) -> tuple[RunConfig, Cluster]:
     from .presets import get_config
 
@@ -372,8 +403,12 @@ def parse_args(argv: list[str]) -> tuple[RunConfig, Cluster]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the plan; exit 2 with one line for a combination that cannot run or does not fit."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--table"]:  # README's table, with the defaults' assumptions
+        print(table())
+        return 0
     try:
-        run, cluster = parse_args(sys.argv[1:] if argv is None else argv)
+        run, cluster = parse_args(argv)
         p = plan(run, cluster)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
