@@ -148,8 +148,10 @@ def saved_bytes(cfg: ModelConfig, tokens: int = 32) -> dict:
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     region, handles = _tag_regions(model)
     seen: dict[int, tuple[int, bool]] = {}
+    alive: list[torch.Tensor] = []  # storages are told apart by address: none may be freed and reused meanwhile
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        alive.append(t)
         ptr = t.untyped_storage().data_ptr()
         if ptr not in weights and ptr not in seen:
             inside = bool(region) and ptr != region[-1].untyped_storage().data_ptr()
@@ -158,7 +160,7 @@ def saved_bytes(cfg: ModelConfig, tokens: int = 32) -> dict:
 
     idx = torch.zeros((1, tokens), dtype=torch.long)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(idx, idx)
+        alive.append(model(idx, idx)[1])
     for h in handles:
         h.remove()
     return {"split": sum(n for n, s in seen.values() if s), "whole": sum(n for n, s in seen.values() if not s)}
