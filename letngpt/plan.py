@@ -52,6 +52,7 @@ class Cluster:
     inter_gbs: float = 50.0  # one 400 Gb/s InfiniBand NIC per GPU
     overhead_gib: float = 3.0  # CUDA context, NCCL buffers, allocator slack
     activation_checkpointing: bool = False
+    mfu_source: str = "assumed; bench/gpu_check.sh measures it: --mfu or --mfu_from"
 
     @property
     def world(self) -> int:
@@ -340,7 +341,7 @@ def format_plan(p: dict) -> str:
                      f"per GPU, {p['comm_s'][key] * 1e3:.1f} ms   [{detail}]")
     lines += [
         f"  compute             {p['compute_s']:.3f} s   [peak {p['peak_tflops']:.0f} TFLOP/s x MFU {c['mfu']:.0%} "
-        "(assumed; pass the measured one with --mfu)]",
+        f"({c['mfu_source']})]",
         f"  step time           {p['step_s']:.3f} s   [compute + communication, no overlap assumed; links: "
         f"intra-node {c['intra_gbs']:.0f} GB/s (NVLink), inter-node {c['inter_gbs']:.0f} GB/s per GPU (400 Gb/s IB)]",
         f"  tokens/s            {p['tokens_per_s']:,.0f}",
@@ -380,6 +381,22 @@ def table(gpu: str = "H100-80GB", zero_stage: int = 1) -> str:
     return "\n".join(rows)
 
 
+def measured_mfu(summary_path: str, preset: str) -> float:
+    """The eager MFU bench/gpu_check.sh measured for `preset` (its summary.json), or a one-line error."""
+    import json
+    from pathlib import Path
+
+    try:
+        presets = json.loads(Path(summary_path).read_text())["presets"]
+    except (OSError, ValueError, KeyError) as e:
+        raise PlanError(f"--mfu_from {summary_path}: not a gpu_check summary.json ({e})") from None
+    mfu = presets.get(preset, {}).get("mfu")
+    if not mfu:
+        raise PlanError(f"--mfu_from {summary_path}: no measured MFU for {preset} (measured: "
+                        f"{', '.join(n for n, r in presets.items() if r.get('mfu')) or 'none'})")
+    return float(mfu)
+
+
 def parse_args(argv: list[str]) -> tuple[RunConfig, Cluster]:
     from .presets import get_config
 
@@ -390,6 +407,8 @@ def parse_args(argv: list[str]) -> tuple[RunConfig, Cluster]:
     ap.add_argument("--gpu", default="H100-80GB", help=f"one of {', '.join(GPUS)}")
     ap.add_argument("--activation_checkpointing", action="store_true")
     ap.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation (bench/gpu_check.sh measures it)")
+    ap.add_argument("--mfu_from", default="", help="bench/gpu_check.sh's summary.json: use the MFU it measured "
+                    "for --config (overrides --mfu)")
     ap.add_argument("--intra_gbs", type=float, default=450.0, help="GB/s per GPU within a node (NVLink 4)")
     ap.add_argument("--inter_gbs", type=float, default=50.0, help="GB/s per GPU between nodes (400 Gb/s IB)")
     ap.add_argument("--overhead_gib", type=float, default=3.0)
@@ -397,10 +416,13 @@ def parse_args(argv: list[str]) -> tuple[RunConfig, Cluster]:
     ap.add_argument("--gradient_accumulation_steps", type=int, default=0, help="global total (0: the preset's)")
     a = ap.parse_args(argv)
     run = get_config(a.config)
+    source = Cluster.mfu_source
+    if a.mfu_from:
+        a.mfu, source = measured_mfu(a.mfu_from, a.config), f"measured, {a.mfu_from}"
     run.train.batch_size = a.batch_size or run.train.batch_size
     run.train.gradient_accumulation_steps = a.gradient_accumulation_steps or run.train.gradient_accumulation_steps
     return run, Cluster(a.nodes, a.gpus_per_node, a.tp, a.zero_stage, a.gpu, a.mfu, a.intra_gbs, a.inter_gbs,
-                        a.overhead_gib, a.activation_checkpointing)
+                        a.overhead_gib, a.activation_checkpointing, source)
 
 
 def main(argv: list[str] | None = None) -> int:

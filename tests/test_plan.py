@@ -107,6 +107,8 @@ def test_example_command_prints_every_figure(capsys):
     (["--config", "LETNGPT_4kctx_10k_lr30e-4", "--gpus_per_node", "1", "--zero_stage", "0", "--gpu", "A100-40GB"],
      "error: does not fit: needs"),
     (["--config", "GPT_1kctx_10k_lr30e-4", "--gpu", "TPU"], "error: unknown --gpu 'TPU'"),
+    (["--config", "GPT_1kctx_10k_lr30e-4", "--mfu_from", "/nonexistent/summary.json"],
+     "error: --mfu_from /nonexistent/summary.json: not a gpu_check summary.json"),
 ])
 def test_bad_combinations_exit_2_with_one_line(capsys, argv, message):
     assert main(argv) == 2
@@ -125,3 +127,13 @@ def test_checkpointing_and_zero3_shrink_the_estimate():
     z3 = plan(run, dataclasses.replace(base, zero_stage=3))
     assert z3["model_states"]["parameters"] == plain["model_states"]["parameters"] // 16
     assert z3["model_states"]["source"].startswith("deepspeed estimate_zero3")
+
+
+def test_mfu_from_the_gpu_check_summary(tmp_path, capsys):
+    """The MFU bench/gpu_check.sh measured replaces the assumed one, and says so."""
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"presets": {"GPT_1kctx_10k_lr30e-4": {"mfu": 0.25}}}))
+    assert main(["--config", "GPT_1kctx_10k_lr30e-4", "--mfu_from", str(summary)]) == 0
+    assert f"MFU 25% (measured, {summary})" in capsys.readouterr().out
+    assert main(["--config", "nGPT_1kctx_10k_lr30e-4", "--mfu_from", str(summary)]) == 2
+    assert "no measured MFU for nGPT_1kctx_10k_lr30e-4 (measured: GPT_1kctx_10k_lr30e-4)" in capsys.readouterr().err

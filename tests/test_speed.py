@@ -61,8 +61,12 @@ def test_checkpointing_gives_the_same_loss_and_gradients(report, tp):
     assert r["loss"] <= CHECKPOINT_TOL and r["grad"] <= CHECKPOINT_TOL
 
 
-def test_checkpointing_under_tp2_engine_steps(report):
-    on, off = report["checkpointing"]["tp2_engine_on"], report["checkpointing"]["tp2_engine_off"]
+@pytest.mark.parametrize("setup", ["tp2", "zero3"])
+def test_checkpointing_in_engine_steps(report, setup):
+    """3 DeepSpeed steps with and without it: TP=2 at ZeRO 1, and ZeRO 3 over 2 data-parallel ranks
+    (which gathers the weights again for the recomputation)."""
+    on, off = report["checkpointing"][f"{setup}_engine_on"], report["checkpointing"][f"{setup}_engine_off"]
+    assert len(on["losses"]) == 3 and on["losses"][0] != on["losses"][-1]
     assert max(abs(a - b) for a, b in zip(on["losses"], off["losses"], strict=True)) <= CHECKPOINT_TOL
     assert max(on["sphere"]) < 1e-5
 

@@ -5,8 +5,8 @@ run, through letngpt.engine.build_engine (the trainer's path), from identical we
    each, eager then compiled: losses, and after every step the worst |norm - 1| of the nGPT
    matrices' fp32 masters and compute weights (renormalisation still applied).
 2. activation checkpointing, LET-nGPT M=3: loss and every gradient of one forward/backward with and
-   without it, at TP=1 (the plain model) and TP=2 (megatron-core layers); then 3 engine steps at
-   TP=2 with and without it.
+   without it, at TP=1 (the plain model) and TP=2 (megatron-core layers); then 3 engine steps with
+   and without it at ZeRO 3 (DP=2) and at TP=2 ZeRO 1.
 Writes the report to the JSON file given as argv[1] (rank 0)."""
 
 from __future__ import annotations
@@ -41,14 +41,17 @@ def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sphere_deviation(engine) -> float:
-    """Worst |row norm - 1| over the nGPT matrices, fp32 masters and compute weights (ZeRO 0/1: whole)."""
+    """Worst |row norm - 1| over the nGPT matrices, fp32 masters and compute weights (gathered at ZeRO 3)."""
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     params, worst = dict(engine.module.named_parameters()), 0.0
     for name, dim in engine.module.unit_norm_axes().items():
         p = params[name]
         master = safe_get_full_fp32_param(p)
-        for w in (p.detach(), p.detach() if master is None else master):
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            compute = p.detach().clone()
+        for w in (compute, compute if master is None else master):
             worst = max(worst, float((w.float().norm(dim=dim) - 1).abs().max()))
     return worst
 
@@ -112,6 +115,10 @@ def checkpointing_checks() -> dict:
     torch.manual_seed(0)
     full = build_model(cfg)
     out = {"tp1": grads_with_and_without(full)}
+    for on in (False, True):  # ZeRO 3 gathers the weights again when a block is recomputed
+        train = TrainConfig(zero_stage=3, batch_size=BATCH, gradient_accumulation_steps=2, learning_rate=3e-3,
+                            dtype="float32", device="cpu", activation_checkpointing=on)
+        out[f"zero3_engine_{'on' if on else 'off'}"] = run_steps(cfg, train, 3)
     initialize_tp(2)
     out["tp2"] = grads_with_and_without(parallelize_tp(full, 2))
     for on in (False, True):
