@@ -125,7 +125,7 @@ def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
     train = TrainConfig(zero_stage=stage, batch_size=args.batch_size, gradient_accumulation_steps=dp_size,
                         learning_rate=1e-3, dtype="float32", device="cpu")
     torch.manual_seed(0)
-    engine, _ = build_engine(build_model(cfg), train, dp_size, torch.float32)
+    engine, _, _ = build_engine(build_model(cfg), train, dp_size, torch.float32)
     gen = torch.Generator().manual_seed(dist.get_rank())
 
     def step():

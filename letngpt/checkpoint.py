@@ -1,30 +1,45 @@
-"""Checkpoints: DeepSpeed's sharded state plus ours, with a marker that is only ever
-written after every rank has finished saving.
+"""Checkpoints: DeepSpeed's sharded state plus ours, verified before anything relies on them.
 
 Layout under <out_dir>/checkpoints/:
-    step_00000100/            DeepSpeed files (model, per-rank optimizer shards)
+    step_00000100/                     DeepSpeed files (model, per-rank optimizer shards)
     step_00000100/letngpt_state.json   our state (step, tracking run id, config), readable by humans
-    latest_complete           the tag of the newest COMPLETE checkpoint
+    step_00000100/manifest.json        every file's size and CRC-32, written LAST
+    latest_complete                    the tag of the newest complete checkpoint
 
-A job killed mid-save leaves a half-written step_* folder, but `latest_complete` still
-names the previous checkpoint, and pruning never deletes the one it names.
+Order of a save: every rank's shards -> barrier -> state -> manifest -> marker -> prune. A folder
+without a manifest is a save that did not finish. On resume the newest checkpoint whose files
+all match their manifest (and that then loads) is used; each one passed over is named with the
+reason. Pruning keeps the newest `keep` complete checkpoints and never the one just verified.
+Checksums are computed and checked in stripes across ranks, so a big checkpoint costs each rank
+1/world of a read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+from .errors import CheckpointError
 from .fsutil import atomic_write_text
 
+log = logging.getLogger("letngpt")
 MARKER = "latest_complete"
 STATE_FILE = "letngpt_state.json"
+MANIFEST = "manifest.json"
+FORMAT = 2  # state files of checkpoints that carry a manifest say so; older ones lack the key
 _TAG = re.compile(r"^step_(\d{8,})$")
+# Parameters older versions had and this one dropped: the ensemble scale s of w_m = tanh(r_m) * s
+# (inert, because the head norm removes any overall scale of the mix).
+REMOVED_PARAMS = ("ensemble_scale",)
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -59,35 +74,182 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(obj):
+    """Every rank's `obj`, in rank order (just [obj] for one process)."""
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def crc32(path: Path, chunk: int = 1 << 24) -> int:
+    value = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(f.relative_to(folder)) for f in folder.rglob("*")
+                  if f.is_file() and f.name != MANIFEST and ".tmp" not in f.name)
+
+
+def write_manifest(folder: Path) -> None:
+    """Collective: each rank checksums its stripe of the files; rank 0 writes the manifest."""
+    rank, world = _world()
+    names = _files(folder)
+    mine = {n: {"size": (folder / n).stat().st_size, "crc32": crc32(folder / n)} for n in names[rank::world]}
+    entries = {k: v for part in _gather(mine) for k, v in part.items()}
+    if rank == 0:
+        atomic_write_text(folder / MANIFEST, json.dumps({"files": entries}, indent=1, sort_keys=True))
+
+
 def save(engine, out_dir: str | Path, step: int, state: dict, *, keep: int, is_main: bool) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
     root = checkpoint_dir(out_dir)
     tag = tag_for(step)
+    state = {**state, "checkpoint_format": FORMAT}
     engine.save_checkpoint(str(root), tag=tag, client_state={"letngpt": state}, save_latest=False)
     _barrier()  # every rank's shard is on disk
     if is_main:
         atomic_write_text(root / tag / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
+    _barrier()
+    write_manifest(root / tag)
+    if is_main:
         atomic_write_text(root / MARKER, tag)
         prune(root, keep=keep, protect=tag)
     _barrier()
     return root / tag
 
 
-def prune(root: Path, *, keep: int, protect: str) -> None:
-    """Delete all but the newest `keep` complete checkpoints (never the protected one)."""
-    tags = sorted((p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)),
+def is_complete(folder: Path) -> bool:
+    """A manifest (or, for checkpoints from before manifests, a state file without the format key)."""
+    if (folder / MANIFEST).is_file():
+        return True
+    try:
+        return "checkpoint_format" not in json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def step_tags(root: Path) -> list[str]:
+    """Every step_* folder, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)),
                   key=lambda t: int(_TAG.match(t).group(1)))
-    complete = [t for t in tags if (root / t / STATE_FILE).is_file()]
+
+
+def prune(root: Path, *, keep: int, protect: str) -> None:
+    """Delete all but the newest `keep` complete checkpoints, never the protected one (the one
+    just written and verified), and half-written leftovers older than it."""
+    tags = step_tags(root)
+    complete = [t for t in tags if is_complete(root / t)]
     protect_step = int(_TAG.match(protect).group(1))
     for tag in complete[:-keep]:
         if tag != protect:
             shutil.rmtree(root / tag, ignore_errors=True)
-    for tag in tags:  # half-written leftovers older than the marker are garbage
+    for tag in tags:
         if tag not in complete and int(_TAG.match(tag).group(1)) < protect_step:
             shutil.rmtree(root / tag, ignore_errors=True)
     for universal in root.glob("step_*_universal"):  # conversions outlive nothing they came from
         if not (root / universal.name.removesuffix("_universal")).is_dir():
             shutil.rmtree(universal, ignore_errors=True)
+
+
+def _check_files(folder: Path, entries: dict, names: list[str]) -> str | None:
+    for name in names:
+        path, want = folder / name, entries[name]
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {want['size']} (truncated?)"
+        if crc32(path) != want["crc32"]:
+            return f"{name} does not match its checksum (corrupt)"
+    return None
+
+
+def verify(folder: Path) -> str | None:
+    """Collective. None when the checkpoint verifies, else the reason (the same on every rank)."""
+    rank, world = _world()
+    reason = None
+    if not (folder / STATE_FILE).is_file():
+        reason = f"{STATE_FILE} is missing"
+    elif not (folder / MANIFEST).is_file():
+        reason = None if is_complete(folder) else "no manifest (the save did not finish)"
+    else:
+        try:
+            entries = json.loads((folder / MANIFEST).read_text())["files"]
+            json.loads((folder / STATE_FILE).read_text())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            reason = f"unreadable manifest or state ({type(e).__name__})"
+        else:
+            reason = _check_files(folder, entries, sorted(entries)[rank::world])
+    reasons = [r for r in _gather(reason) if r]
+    return reasons[0] if reasons else None
+
+
+def find_verified(out_dir: str | Path, before: int | None = None) -> tuple[str | None, list[str]]:
+    """Collective. The newest checkpoint (older than step `before`, if given) that verifies, and
+    'tag: reason' for each newer one passed over."""
+    root = checkpoint_dir(out_dir)
+    skipped = []
+    for tag in reversed(step_tags(root)):
+        if before is not None and int(_TAG.match(tag).group(1)) >= before:
+            continue
+        reason = verify(root / tag)
+        if reason is None:
+            if not (root / tag / MANIFEST).is_file():
+                log.warning("checkpoint %s has no manifest (written by an older letngpt); not verified", tag)
+            return tag, skipped
+        log.warning("skipping checkpoint %s: %s", tag, reason)
+        skipped.append(f"{tag}: {reason}")
+    return None, skipped
+
+
+def set_aside(out_dir: str | Path, skipped: list[str], resume_tag: str) -> None:
+    """Rank 0: move checkpoints that failed verification to `<tag>.skipped` (kept for a person to
+    inspect or delete, out of the way of later saves at the same step) and point the marker at
+    the checkpoint actually resumed."""
+    root = checkpoint_dir(out_dir)
+    for entry in skipped:
+        tag = entry.split(":", 1)[0]
+        if (root / tag).is_dir():
+            target = root / f"{tag}.skipped"
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(root / tag, target)
+            log.warning("moved the unusable checkpoint %s to %s", tag, target.name)
+    atomic_write_text(root / MARKER, resume_tag)
+
+
+def load_newest(engine, out_dir: str | Path, first: str) -> tuple[str, dict]:
+    """Collective. Load `first` (already verified), falling back to older verified checkpoints
+    when DeepSpeed cannot load one on some rank. Returns (tag, our state)."""
+    tag, skipped = first, []
+    while tag is not None:
+        try:
+            state, error = load(engine, out_dir, tag), None
+        except ConfigError:
+            raise  # a checkpoint this version cannot resume from at all: say so, do not fall back
+        except Exception as e:  # noqa: BLE001 - any failure to load means: try the previous one
+            state, error = None, f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        errors = [e for e in _gather(error) if e]
+        if not errors:
+            return tag, state
+        log.warning("checkpoint %s verified but did not load (%s); trying an older one", tag, errors[0])
+        skipped.append(f"{tag}: did not load ({errors[0]})")
+        tag, more = find_verified(out_dir, before=int(_TAG.match(tag).group(1)))
+        skipped += more
+    raise CheckpointError(f"no checkpoint in {checkpoint_dir(out_dir)} verifies and loads: " + "; ".join(skipped))
 
 
 def load(engine, out_dir: str | Path, tag: str | None = None) -> dict | None:
@@ -96,10 +258,37 @@ def load(engine, out_dir: str | Path, tag: str | None = None) -> dict | None:
     tag = tag or latest_tag(out_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir(out_dir)), tag=tag)
+    try:
+        path, client_state = engine.load_checkpoint(str(checkpoint_dir(out_dir)), tag=tag)
+    except Exception as e:  # DeepSpeed's own message names neither the cause nor the way out
+        stale = removed_params(checkpoint_dir(out_dir) / tag)
+        if stale:
+            raise ConfigError(
+                f"checkpoint {tag} predates the removal of {stale[0]} ({len(stale)} such tensors): its "
+                "weights still load for sampling and evaluation (the parameter is dropped, it was inert), "
+                "but training cannot resume from it because its optimizer state holds one more tensor per "
+                "layer. Start from scratch in another --out_dir, or resume with the version that wrote it."
+            ) from e
+        raise
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir(out_dir) / tag}")
     return client_state["letngpt"]
+
+
+def removed_params(folder: Path) -> list[str]:
+    """Names of parameters in the checkpoint at `folder` that this version no longer has.
+
+    Read from the model-states file (module keys at ZeRO 0-2, param_shapes at ZeRO 1-3;
+    memory-mapped, so nothing large is read) or a universal checkpoint's per-parameter folders.
+    """
+    names = [p.name for p in (folder / "zero").iterdir()] if (folder / "zero").is_dir() else []
+    states = folder / "mp_rank_00_model_states.pt"
+    if states.is_file():
+        saved = torch.load(states, map_location="cpu", mmap=True, weights_only=False)
+        names += list(saved.get("module") or {})
+        for group in saved.get("param_shapes") or []:
+            names += list(group)
+    return sorted({n for n in names if n.rsplit(".", 1)[-1] in REMOVED_PARAMS})
 
 
 def universal_tag(tag: str) -> str:

@@ -97,12 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .data import DataError
     from .distributed import shutdown
+    from .errors import RunError
     from .trainer import train
 
     try:
         train(command.run)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: aborted by a second Ctrl-C; no checkpoint written for the unfinished step", file=sys.stderr)
+        return 130
     shutdown()
     return 0

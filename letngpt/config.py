@@ -104,6 +104,7 @@ class TrainConfig:
     parent_run_id: str = ""  # MLflow parent run (sweeps and comparisons group their runs under one)
     track_interval: int = 50  # how often ensemble coefficients / alphas are logged
     peak_tflops: float = 0.0  # 0: look up the GPU; for MFU
+    max_nonfinite_steps: int = 3  # consecutive skipped steps (NaN/Inf loss or gradient) before the run stops
 
     def __post_init__(self) -> None:
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "time_limit_seconds",
@@ -114,7 +115,8 @@ class TrainConfig:
         _check(self.min_lr <= self.learning_rate,
                f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
         for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
-                     "log_interval", "checkpoint_interval", "keep_checkpoints", "tp", "track_interval"):
+                     "log_interval", "checkpoint_interval", "keep_checkpoints", "tp", "track_interval",
+                     "max_nonfinite_steps"):
             value = getattr(self, name)
             _check(value > 0, f"{name} ({value}) must be > 0")
         for name in ("warmup_iters", "max_iters", "lr_decay_iters", "max_iters_per_launch", "seed"):

@@ -7,10 +7,14 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,14 @@ def all_reduce_mean(value: float, device: torch.device, group=None) -> float:
     return float(t.item())
 
 
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Elementwise sum over every rank of a small CPU tensor (sent via `device`), returned on the CPU."""
+    t = t.to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.cpu()
+
+
 def shutdown() -> None:
     """Leave together: a rank that exits while a peer still talks to it (rank 0 writing the
     summary, say) can have gloo abort it at interpreter exit, failing a finished job."""
@@ -100,3 +112,26 @@ def shutdown() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def on_rank0(fn: Callable[[], T], *, is_main: bool) -> T:
+    """Run `fn` on rank 0 only (file-system checks, locks) and hand every rank its result. A
+    user-facing error it raises (ConfigError, DataError, RunError) is raised on every rank, so
+    a bad out_dir or dataset ends the whole job with one line instead of hanging the others."""
+    from .config import ConfigError
+    from .data import DataError
+    from .errors import RunError
+
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except (ConfigError, DataError, RunError) as e:
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result

@@ -42,6 +42,8 @@ def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype, load_u
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"ds_config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"ds_config: {path} must hold a JSON object, not a {type(cfg).__name__}")
     accum = per_rank_accumulation(train, dp_size)
     cfg.update(
         train_micro_batch_size_per_gpu=train.batch_size,
@@ -57,7 +59,25 @@ def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype, load_u
     cfg.pop("scheduler", None)  # the schedule is ours: lr_at() below
     if load_universal:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
+    _check_accumulation_dtype(cfg, dtype, accum)
     return cfg
+
+
+def _check_accumulation_dtype(cfg: dict, dtype: torch.dtype, accum: int) -> None:
+    """Gradients must not be summed over micro batches in an 8-bit (bf16) or 11-bit (fp16) mantissa.
+
+    At ZeRO 1-3 the recipes set data_types.grad_accum_dtype = fp32 (ZeRO 1 then runs DeepSpeed's
+    BF16_Optimizer). At ZeRO 0, DeepSpeed 0.19 accumulates in the model dtype and rejects fp32
+    ("unsupported mix"), so a 16-bit ZeRO 0 run may not accumulate at all: one micro batch per
+    rank and step is exact, more are refused, pointing to ZeRO 1.
+    """
+    if dtype == torch.float32 or cfg["zero_optimization"]["stage"] != 0:
+        return
+    if accum > 1:
+        raise ConfigError(f"ZeRO 0 in {dtype} would sum {accum} micro batches per rank in {dtype} (DeepSpeed has no "
+                          "fp32 gradient accumulation at ZeRO 0); use --zero_stage=1, which accumulates in fp32 "
+                          "(on one GPU it adds only an fp32 gradient buffer), or one micro batch per rank")
+    cfg.get("data_types", {}).pop("grad_accum_dtype", None)  # nothing to accumulate; DeepSpeed would refuse it
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -112,9 +132,27 @@ def build_engine(model: nn.Module, train: TrainConfig, dp_size: int, dtype: torc
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate,
                                   betas=(train.beta1, train.beta2), eps=1e-8, **fused)
+    validate_ds_config(ds_config, train.ds_config or f"zero{train.zero_stage}.json", mpu)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
     compile_engine(engine, train)
-    return engine, ds_config
+    return engine, ds_config, optimizer
+
+
+def validate_ds_config(cfg: dict, name: str, mpu=None) -> None:
+    """DeepSpeed's own config model judges the merged config; its first complaint becomes one line
+    (a pydantic report or an assertion deep in deepspeed.initialize otherwise)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedConfig(cfg, mpu=mpu)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or e.title
+        raise ConfigError(f"ds_config {name}: {e.title}.{where}: {first['msg']} (got {first.get('input')!r})") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        detail = str(e).splitlines()[0] if str(e) else repr(e)
+        raise ConfigError(f"ds_config {name}: {type(e).__name__}: {detail}") from None
 
 
 def set_lr(engine, lr: float) -> None:

@@ -8,6 +8,8 @@ the nGPT scalings) is ignored.
 
 from __future__ import annotations
 
+import re
+
 from .config import ModelConfig
 
 
@@ -31,13 +33,22 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     return 3 * forward_flops_per_token(cfg, seq_len)
 
 
-# Dense bf16 peak TFLOP/s per GPU, for MFU. Overridable with --peak_tflops.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0,
-               "V100": 125.0, "GH200": 989.0, "B200": 2250.0, "RTX 4090": 165.0}
+# Dense (not 2:4-sparse) bf16 tensor-core peak TFLOP/s per GPU, for MFU, from NVIDIA's datasheets
+# and whitepapers: the dense figure where one is printed (H100 whitepaper: SXM5 989.4, PCIe 756.5;
+# A100 312; A10 125; L40S 362.05; L40 181.05; Ada whitepaper: RTX 4090 165.2 with fp32
+# accumulate), else half the "with sparsity" one (H100/H200 NVL 1671; H200 and GH200 1979, as
+# H100 SXM; B200 4500; L4 242). Matched as whole words of torch's device name, longest key first
+# ("H100 PCIe" before "H100"). Left out on purpose: V100 (no bf16 tensor cores) and A10G (AWS's
+# part, no vendor figure). Overridable with --peak_tflops.
+PEAK_TFLOPS = {"H100": 989.4, "H100 PCIe": 756.5, "H100 NVL": 835.5, "H200": 989.4, "H200 NVL": 835.5,
+               "GH200": 989.4, "B200": 2250.0, "A100": 312.0, "A10": 125.0, "L40S": 362.05, "L40": 181.05,
+               "L4": 121.0, "RTX 4090": 165.2}
 
 
 def peak_tflops(device_name: str) -> float | None:
+    """The table's figure for a device name, or None. Keys match whole words only, so "A10" is
+    not found in "A10G", "L4" not in "L40S", "H200" not in "GH200"."""
     for key, value in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-        if key.lower() in device_name.lower():
+        if re.search(rf"(?<![a-z0-9]){re.escape(key.lower())}(?![a-z0-9])", device_name.lower()):
             return value
     return None

@@ -33,6 +33,42 @@ class StepTimer:
         return dt
 
 
+class Throughput:
+    """tokens/s as means over many steps, never one step's figure.
+
+    window(): the mean over the steps since the previous call (the logging window).
+    overall(): the mean over this launch's steps after its first `warmup` (allocator growth,
+    kernel autotuning, first-touch of data pages and DeepSpeed's first-step set-up make them
+    slow at every start and resume); None when the launch ran no steps beyond those.
+    Both are total tokens / total time, so slow steps weigh as much as they cost.
+    """
+
+    def __init__(self, tokens_per_step: int, warmup: int = 3) -> None:
+        self.tokens_per_step, self.warmup = tokens_per_step, warmup
+        self.steps = 0
+        self._window_time, self._window_steps = 0.0, 0
+        self._steady_time, self._steady_steps = 0.0, 0
+
+    def add(self, step_time: float) -> None:
+        self.steps += 1
+        self._window_time += step_time
+        self._window_steps += 1
+        if self.steps > self.warmup:
+            self._steady_time += step_time
+            self._steady_steps += 1
+
+    def window(self) -> tuple[float, float]:
+        """(tokens/s, mean step time in s) over the window, which then starts afresh."""
+        mean_step = self._window_time / max(self._window_steps, 1)
+        self._window_time, self._window_steps = 0.0, 0
+        return self.tokens_per_step / mean_step if mean_step > 0 else 0.0, mean_step
+
+    def overall(self) -> float | None:
+        if not self._steady_steps or self._steady_time <= 0:
+            return None
+        return self.tokens_per_step * self._steady_steps / self._steady_time
+
+
 def memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated, or this process's peak RSS on CPU."""
     if device.type == "cuda":
@@ -81,7 +117,7 @@ def model_stats(engine) -> dict[str, float]:
     for i, block in enumerate(engine.module.blocks):
         attn = block.attn
         if attn.num_maps > 1:
-            weights = torch.tanh(full(attn.ensemble_logits)) * full(attn.ensemble_scale)
+            weights = torch.tanh(full(attn.ensemble_logits))  # w_m; the head norm removes any overall scale
             for m, w in enumerate(weights.tolist()):
                 stats[f"ensemble/layer{i}/w{m}"] = w
         if hasattr(block, "attn_alpha"):

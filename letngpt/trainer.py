@@ -1,49 +1,66 @@
-"""The training loop: one readable function from config to summary.json.
+"""The training loop: from config to summary.json in named steps.
 
 Resumability rests on three facts: the batch for (step, micro step, rank) is a pure
 function (letngpt.data.loader), DeepSpeed restores model and optimizer, and everything
 else we need (step, tracking run id) rides in the checkpoint's state.
+
+Safety rests on four more: one run per out_dir (runlock), no optimizer step from a non-finite
+loss or gradient (guard), no checkpoint from non-finite weights, and resume only from a
+checkpoint whose files match their manifest (checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from . import checkpoint
 from .config import ConfigError, RunConfig
-from .data.loader import TokenData, check_vocab, get_batch, get_eval_batch
-from .distributed import DistInfo, all_reduce_max, all_reduce_mean, init_distributed
+from .data.loader import TokenData, eval_batches, get_batch
+from .data.verify import check_token_ids
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, all_reduce_sum, init_distributed, on_rank0
 from .engine import build_engine, lr_at, per_rank_accumulation, resolve_dtype, set_lr
+from .errors import DivergedError
 from .fsutil import atomic_write_text
-from .metrics import StepTimer, memory_mb, mfu, model_stats, plain_grad_norm
+from .guard import NonFiniteGuard, finite_or_none, skip_optimizer_step, weights_finite
+from .metrics import StepTimer, Throughput, memory_mb, mfu, model_stats, plain_grad_norm
 from .model import build_model
 from .parallel.renorm import collective_renormalize_
 from .renorm import renormalize_engine_weights_
+from .runlock import OutDirLock
 from .tracking import Tracker, git_commit
 
 log = logging.getLogger("letngpt")
 DEFAULT_DATA = "data/tinyshakespeare"
+# Fields that may change between a checkpoint and the run resuming it without changing the weights' shapes.
+RUNTIME_MODEL_FIELDS = {"attn_backend"}
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) ask for a clean stop:
-    finish the step, checkpoint, exit 0."""
+    """SIGTERM, SIGUSR1 (SLURM's warning before the time limit) and Ctrl-C (SIGINT) ask for a
+    clean stop: finish the step, checkpoint, exit 0. A second Ctrl-C aborts at once."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.reason is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt("second Ctrl-C")
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: finishing this step and saving a checkpoint; press Ctrl-C again to abort at once")
         self.reason = signal.Signals(signum).name
 
 
@@ -52,15 +69,190 @@ def setup_logging(is_main: bool) -> None:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 
-def prepare_data(data_dir: str, info: DistInfo) -> None:
-    """The default dataset is prepared on first use (rank 0; the others wait)."""
-    if info.is_main and data_dir.rstrip("/") == DEFAULT_DATA and not (Path(data_dir) / "meta.json").exists():
-        from .data.prepare import ensure_tinyshakespeare
+@dataclass
+class Layout:
+    """Who this rank is in the data-parallel and tensor-parallel grid."""
 
-        log.info("preparing Tiny Shakespeare in %s", data_dir)
-        ensure_tinyshakespeare(data_dir)
-    if info.world_size > 1:
-        dist.barrier()
+    mpu: object | None
+    dp_rank: int
+    dp_size: int
+
+
+def setup_layout(run: RunConfig, info: DistInfo) -> Layout:
+    t = run.train
+    if info.world_size % t.tp:
+        raise ConfigError(f"tp ({t.tp}) must divide the number of processes ({info.world_size})")
+    if t.tp == 1:
+        return Layout(None, info.rank, info.world_size)
+    # ranks t.tp apart form the data-parallel groups; TP ranks are adjacent
+    from .parallel.tensor_parallel import MegatronMPU, check_tp_layout, initialize_tp
+
+    check_tp_layout(run.model, t.tp)
+    initialize_tp(t.tp)
+    mpu = MegatronMPU()
+    return Layout(mpu, mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size())
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """ConfigError in one line unless out_dir can be created and written (rank 0 calls it)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write_probe.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+        ckpt = checkpoint.checkpoint_dir(out_dir)
+        if ckpt.exists() and not os.access(ckpt, os.W_OK):
+            raise PermissionError(13, "checkpoints/ is read-only")
+    except OSError as e:
+        raise ConfigError(f"out_dir {out_dir} is not writable ({e.strerror or e})") from None
+
+
+def prepare_data(run: RunConfig, info: DistInfo) -> tuple[TokenData, TokenData]:
+    """The default dataset is prepared on first use; every id must fit the model (rank 0 checks)."""
+    data_dir = run.train.data_dir
+
+    def check() -> None:
+        if data_dir.rstrip("/") == DEFAULT_DATA and not (Path(data_dir) / "meta.json").exists():
+            from .data.prepare import ensure_tinyshakespeare
+
+            log.info("preparing Tiny Shakespeare in %s", data_dir)
+            ensure_tinyshakespeare(data_dir)
+        check_token_ids(data_dir, run.model.vocab_size)
+
+    on_rank0(check, is_main=info.is_main)
+    return TokenData(data_dir, "train"), TokenData(data_dir, "val")
+
+
+def check_same_architecture(saved: dict, run: RunConfig, tag: str) -> None:
+    """Resuming needs the weights' shapes; training hyperparameters may change (and are listed)."""
+    old_model, old_train = saved.get("config", {}).get("model", {}), saved.get("config", {}).get("train", {})
+    new_model, new_train = dataclasses.asdict(run.model), dataclasses.asdict(run.train)
+    differ = [f"{k}: {old_model.get(k)} -> {v}" for k, v in new_model.items()
+              if k not in RUNTIME_MODEL_FIELDS and k in old_model and old_model[k] != v]
+    if differ:
+        raise ConfigError(f"checkpoint {tag} has another architecture ({'; '.join(differ)}); resume with the "
+                          f"checkpoint's architecture or start a new --out_dir")
+    changed = [f"{k}={old_train.get(k)}->{v}" for k, v in new_train.items() if k in old_train and old_train[k] != v]
+    if changed:
+        log.info("resuming %s with changed training settings: %s", tag, ", ".join(changed))
+
+
+def plan_resume(run: RunConfig, out_dir: Path, info: DistInfo) -> tuple[str | None, dict | None]:
+    """Collective. The checkpoint to resume from (newest that verifies) and its state, or none."""
+    t = run.train
+    has_any = bool(checkpoint.step_tags(checkpoint.checkpoint_dir(out_dir)))
+    if t.init_from == "scratch" and has_any:
+        raise ConfigError(f"init_from=scratch but {out_dir} already holds checkpoints; "
+                          "use --init_from=resume or another --out_dir")
+    tag, skipped = checkpoint.find_verified(out_dir) if has_any else (None, [])
+    if tag is None and (t.init_from == "resume" or skipped):
+        detail = f": {'; '.join(skipped)}" if skipped else ""
+        raise ConfigError(f"init_from={t.init_from} but {out_dir} holds no complete checkpoint that verifies{detail}")
+    if tag is None:
+        return None, None
+    if skipped:
+        on_rank0(lambda: checkpoint.set_aside(out_dir, skipped, tag), is_main=info.is_main)
+    saved = checkpoint.read_state(out_dir, tag)
+    check_same_architecture(saved, run, tag)
+    return tag, saved
+
+
+def maybe_reshard(out_dir: Path, tag: str | None, saved: dict | None, run: RunConfig, dp_size: int,
+                  is_main: bool) -> tuple[str | None, bool]:
+    """A checkpoint saved at another data-parallel size goes through DeepSpeed's universal format."""
+    t = run.train
+    if not saved or saved.get("dp_size", dp_size) == dp_size:
+        return tag, False
+    if t.zero_stage not in (1, 2) or t.tp != 1 or saved.get("tp", 1) != 1:
+        raise ConfigError(f"checkpoint {tag} was saved at data-parallel size {saved['dp_size']}; resuming at "
+                          f"{dp_size} works at ZeRO 1 or 2 without tensor parallelism")
+    log.info("checkpoint %s has data-parallel size %d, this run %d: converting to a universal checkpoint",
+             tag, saved["dp_size"], dp_size)
+    return checkpoint.convert_to_universal(out_dir, tag, is_main=is_main), True
+
+
+@dataclass
+class Job:
+    """Everything the loop touches, built once by `build_job`."""
+
+    run: RunConfig
+    info: DistInfo
+    layout: Layout
+    out_dir: Path
+    engine: object
+    optimizer: torch.optim.Optimizer
+    guard: NonFiniteGuard
+    tracker: Tracker
+    train_data: TokenData
+    val_data: TokenData
+    accum: int
+    renormalize: Callable
+    step: int = 0
+    wall_before: float = 0.0
+    launch_start: float = field(default_factory=time.time)
+    timer: StepTimer = field(default_factory=lambda: StepTimer())  # looked up at run time (tests script it)
+    throughput: Throughput | None = None  # means over the logging window / the launch
+    last: dict = field(default_factory=dict)
+    val_loss: float | None = None
+    renorm_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.throughput = Throughput(self.tokens_per_step)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.run.train.batch_size * self.run.model.block_size * self.accum * self.layout.dp_size
+
+
+def build_model_engine(run: RunConfig, info: DistInfo, layout: Layout, reshard: bool):
+    t = run.train
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = build_model(run.model)  # the full model on every rank: TP shards are cut from it
+    if t.tp > 1:
+        from .parallel.tensor_parallel import parallelize_tp
+
+        model = parallelize_tp(model, t.tp)
+    model = model.to(info.device)
+    dtype = resolve_dtype(t, info.device)
+    if t.renorm == "naive" and run.model.use_ngpt and t.zero_stage == 0 and dtype != torch.float32:
+        raise ConfigError("renorm=naive cannot reach the fp32 masters at ZeRO 0 with bf16/fp16; use renorm=collective")
+    return build_engine(model, t, layout.dp_size, dtype, mpu=layout.mpu, load_universal=reshard)
+
+
+def start_tracker(run: RunConfig, info: DistInfo, layout: Layout, out_dir: Path, ds_config: dict,
+                  state: dict | None) -> Tracker:
+    t = run.train
+    tracker = Tracker(out_dir, enabled=info.is_main, tracking_uri=t.tracking_uri or None,
+                      experiment=t.experiment, run_name=run.name)
+    tracker.start(run_id=state.get("tracking_run_id") if state else None,
+                  params={"config": run.to_dict(), "ds": ds_config},
+                  tags={"preset": run.name, "world_size": info.world_size, "dp_size": layout.dp_size, "tp": t.tp,
+                        "device": info.device.type, "git_commit": git_commit() or "unknown",
+                        **({"mlflow.parentRunId": t.parent_run_id} if t.parent_run_id else {})})
+    return tracker
+
+
+def build_job(run: RunConfig, info: DistInfo, layout: Layout, out_dir: Path) -> Job:
+    """Data, resume plan, model, engine, tracker: everything before the first step."""
+    t = run.train
+    train_data, val_data = prepare_data(run, info)
+    tag, saved = plan_resume(run, out_dir, info)
+    load_tag, reshard = maybe_reshard(out_dir, tag, saved, run, layout.dp_size, info.is_main)
+    engine, ds_config, optimizer = build_model_engine(run, info, layout, reshard)
+    state = None
+    if load_tag:
+        load_tag, state = checkpoint.load_newest(engine, out_dir, load_tag)
+        log.info("resumed from %s at step %d", load_tag, state["step"])
+    elif info.is_main:
+        (out_dir / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2))
+        (out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    tracker = start_tracker(run, info, layout, out_dir, ds_config, state)
+    renormalize = collective_renormalize_ if t.renorm == "collective" else renormalize_engine_weights_
+    guard = NonFiniteGuard(engine.module, info.device, t.max_nonfinite_steps)
+    return Job(run=run, info=info, layout=layout, out_dir=out_dir, engine=engine, optimizer=optimizer, guard=guard,
+               tracker=tracker, train_data=train_data, val_data=val_data,
+               accum=per_rank_accumulation(t, layout.dp_size), renormalize=renormalize,
+               step=state["step"] if state else 0, wall_before=state.get("wall_time", 0.0) if state else 0.0)
 
 
 def progress_bar(is_main: bool, start: int, total: int):
@@ -74,183 +266,202 @@ def progress_bar(is_main: bool, start: int, total: int):
 
 @torch.no_grad()
 def evaluate(engine, data: TokenData, run: RunConfig, dp_rank: int, dp_size: int, device) -> float:
+    """Mean loss over the fixed evaluation set, whose windows do not depend on the layout."""
     engine.eval()
-    losses = []
-    for i in range(run.train.eval_iters):
-        x, y = get_eval_batch(data, seed=run.train.seed, eval_iter=i, dp_rank=dp_rank, dp_size=dp_size,
-                              micro_batch=run.train.batch_size, block_size=run.model.block_size)
+    total = torch.zeros(2, dtype=torch.float64)  # sum of per-window mean losses, number of windows
+    for x, y, n in eval_batches(data, seed=run.train.seed, eval_iters=run.train.eval_iters, dp_rank=dp_rank,
+                                dp_size=dp_size, micro_batch=run.train.batch_size, block_size=run.model.block_size):
         _, loss = engine(x.to(device), y.to(device))
-        losses.append(loss.item())
+        total += torch.tensor([loss.item() * n, n], dtype=torch.float64)
     engine.train()
-    return all_reduce_mean(sum(losses) / len(losses), device)
+    # Over the whole world: TP peers hold the same share, which scales both sums alike.
+    loss_sum, windows = all_reduce_sum(total, device).tolist()
+    return loss_sum / windows
+
+
+def run_eval(job: Job) -> None:
+    job.val_loss = evaluate(job.engine, job.val_data, job.run, job.layout.dp_rank, job.layout.dp_size,
+                            job.info.device)
+    log.info("step %d: val loss %.4f", job.step, job.val_loss)
+    job.tracker.log_metrics({"val/loss": job.val_loss}, job.step)
+
+
+def train_step(job: Job, lr: float, logging_step: bool) -> tuple[torch.Tensor, float | None, bool]:
+    """One optimizer step over this rank's micro batches. The non-finite guard decides, on all
+    ranks together, whether the step is applied. Returns (summed loss, local grad norm, skipped)."""
+    t, engine, device = job.run.train, job.engine, job.info.device
+    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per micro step
+    local_grad_norm, skipped = None, False
+    for micro in range(job.accum):
+        x, y = get_batch(job.train_data, seed=t.seed, step=job.step, micro_step=micro, dp_rank=job.layout.dp_rank,
+                         dp_size=job.layout.dp_size, micro_batch=t.batch_size, block_size=job.run.model.block_size,
+                         grad_accum=job.accum)
+        _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        job.guard.watch_loss(loss)
+        engine.backward(loss)
+        if micro == job.accum - 1:
+            if logging_step:
+                local_grad_norm = plain_grad_norm(engine)  # DeepSpeed reports none at ZeRO 0 in fp32
+            skipped = job.guard.step_is_bad(job.step + 1)
+        if skipped:
+            with skip_optimizer_step(job.optimizer):
+                engine.step()
+        else:
+            engine.step()
+        loss_sum += loss.detach().float()
+    if not skipped and engine.was_step_applied():
+        job.renorm_bytes = job.renormalize(engine)
+    return loss_sum, local_grad_norm, skipped
+
+
+def log_step(job: Job, lr: float, loss_sum: torch.Tensor, local_grad_norm, skipped: bool, metrics_file) -> None:
+    info, t = job.info, job.run.train
+    train_loss = all_reduce_mean(loss_sum.item() / job.accum, info.device)
+    grad_norm = job.engine.get_global_grad_norm()
+    grad_norm = local_grad_norm if grad_norm is None else grad_norm
+    tok_s, step_time = job.throughput.window()
+    job.last = {"train/loss": finite_or_none(train_loss), "lr": lr, "grad_norm": finite_or_none(grad_norm or 0.0),
+                "tokens_per_s": tok_s, "step_time_s": step_time, "memory_mb": memory_mb(info.device),
+                "renorm_bytes": float(job.renorm_bytes or 0), "skipped_steps": float(job.guard.skipped)}
+    util = mfu(job.run.model, tok_s, info.world_size, info.device, t.peak_tflops)
+    if util is not None:
+        job.last["mfu"] = util
+    log.info("step %d: loss %.4f lr %.2e grad %.3f %.0f tok/s %.3fs/step%s%s", job.step, train_loss, lr,
+             float(grad_norm or 0.0), tok_s, step_time, f" mfu {util:.1%}" if util is not None else "",
+             " (skipped: non-finite)" if skipped else "")
+    job.tracker.log_metrics({k: v for k, v in job.last.items() if v is not None}, job.step)
+    if metrics_file:
+        metrics_file.write(json.dumps({"step": job.step, **job.last}, allow_nan=False) + "\n")
+        metrics_file.flush()
+
+
+def should_stop(job: Job, stop: StopFlag, start_step: int) -> str | None:
+    """Collective: the reason to stop after this step (signal, time limit, launch budget), or None."""
+    t = job.run.train
+    reason = stop.reason
+    elapsed = time.time() - job.launch_start
+    if t.time_limit_seconds and elapsed + 2 * job.timer.mean + job.timer.save_time > t.time_limit_seconds:
+        reason = reason or "time_limit_seconds"
+    if t.max_iters_per_launch and job.step - start_step >= t.max_iters_per_launch:
+        reason = reason or "max_iters_per_launch"
+    if all_reduce_max(reason is not None, job.info.device) == 0:
+        return None
+    return stop.reason or reason or "stop requested by another rank"
+
+
+def save_checkpoint(job: Job) -> None:
+    """Collective. Only finite weights are ever saved; the previous good checkpoint stays."""
+    t = job.run.train
+    if not weights_finite(job.engine.module):
+        raise DivergedError(f"the weights became non-finite by step {job.step}; no checkpoint written (the last "
+                            f"good one stays). Lower --learning_rate and resume")
+    save_start = time.time()
+    checkpoint.save(job.engine, job.out_dir, job.step, {
+        "step": job.step, "tracking_run_id": job.tracker.run_id, "config": job.run.to_dict(),
+        "dp_size": job.layout.dp_size, "tp": t.tp, "zero_stage": job.engine.zero_optimization_stage(),
+        "wall_time": job.wall_before + time.time() - job.launch_start,
+    }, keep=t.keep_checkpoints, is_main=job.info.is_main)
+    job.timer.save_time = time.time() - save_start
+
+
+def loop(job: Job, stop: StopFlag, on_step: Callable | None) -> str:
+    """Steps until max_iters or a clean stop; returns the stop reason."""
+    t = job.run.train
+    start_step = job.step
+    bar = progress_bar(job.info.is_main, job.step, t.max_iters)
+    metrics_file = open(job.out_dir / "metrics.jsonl", "a") if job.info.is_main else None
+    try:
+        while job.step < t.max_iters:
+            if job.step % t.eval_interval == 0:
+                run_eval(job)
+            lr = lr_at(job.step, t)
+            set_lr(job.engine, lr)
+            job.timer.start()
+            logging_step = (job.step + 1) % t.log_interval == 0 or job.step + 1 == t.max_iters
+            loss_sum, local_grad_norm, skipped = train_step(job, lr, logging_step)
+            job.step += 1
+            job.throughput.add(job.timer.stop(job.info.device))
+            if on_step is not None:
+                on_step(job.engine, job.step)
+            if bar is not None:
+                bar.update(1)
+            if logging_step:
+                log_step(job, lr, loss_sum, local_grad_norm, skipped, metrics_file)
+            if job.step % t.track_interval == 0:
+                job.tracker.log_metrics(model_stats(job.engine), job.step)
+            reason = should_stop(job, stop, start_step)
+            if reason or job.step % t.checkpoint_interval == 0 or job.step == t.max_iters:
+                save_checkpoint(job)
+            if reason:
+                log.info("stopping at step %d (%s); checkpoint saved", job.step, reason)
+                return reason
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file:
+            metrics_file.close()
+    run_eval(job)  # the loop exits before evaluating its last step
+    return "max_iters"
+
+
+def write_summary(job: Job, stop_reason: str) -> dict:
+    nonfinite = ["train_loss"] if job.last and job.last.get("train/loss") is None else []
+    val = finite_or_none(job.val_loss)
+    if job.val_loss is not None and val is None:
+        nonfinite.append("val_loss")
+    steady_tok_s = job.throughput.overall()  # this launch, first steps excluded
+    run, info = job.run, job.info
+    steady_mfu = None
+    if steady_tok_s:
+        steady_mfu = mfu(run.model, steady_tok_s, info.world_size, info.device, run.train.peak_tflops)
+    summary = {
+        "final_step": job.step, "stop_reason": stop_reason, "train_loss": job.last.get("train/loss"),
+        "val_loss": val, "tokens_per_s": steady_tok_s, "mfu": steady_mfu,
+        "skipped_steps": job.guard.skipped,
+        "wall_time_s": job.wall_before + time.time() - job.launch_start, "tracking_run_id": job.tracker.run_id,
+        "preset": job.run.name, "world_size": job.info.world_size, "tp": job.run.train.tp, "dp": job.layout.dp_size,
+    }
+    if nonfinite:
+        summary["nonfinite"] = {"fields": nonfinite, "reason": "not finite (the step was skipped); written as null"}
+    if job.info.is_main:
+        atomic_write_text(job.out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+        for name in ("run_config.json", "ds_config.json", "summary.json"):
+            if (job.out_dir / name).exists():
+                job.tracker.log_artifact(job.out_dir / name)
+    return summary
 
 
 def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) -> dict:
     """Run (or resume) a job to completion or a clean stop; returns the summary.
     `on_step(engine, step)` is called after every optimizer step (tests, instruments)."""
-    t = run.train
     stop = StopFlag()  # first: a SIGUSR1 that arrives during start-up must not be lost
-    info = init_distributed(t.device)
+    info = init_distributed(run.train.device)
     setup_logging(info.is_main)
-    if info.world_size % t.tp:
-        raise ConfigError(f"tp ({t.tp}) must divide the number of processes ({info.world_size})")
-    mpu = None
-    dp_rank, dp_size = info.rank, info.world_size
-    if t.tp > 1:  # ranks t.tp apart form the data-parallel groups; TP ranks are adjacent
-        from .parallel.tensor_parallel import MegatronMPU, check_tp_layout, initialize_tp
+    layout = setup_layout(run, info)
+    per_rank_accumulation(run.train, layout.dp_size)
+    out_dir = Path(run.train.out_dir)
+    on_rank0(lambda: check_out_dir(out_dir), is_main=info.is_main)
+    lock = OutDirLock(out_dir)
+    on_rank0(lock.acquire, is_main=info.is_main)
+    try:
+        return _train_locked(run, info, layout, out_dir, stop, on_step)
+    finally:
+        if info.is_main:
+            lock.release()
 
-        check_tp_layout(run.model, t.tp)
-        initialize_tp(t.tp)
-        mpu = MegatronMPU()
-        dp_rank, dp_size = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
-    accum = per_rank_accumulation(t, dp_size)
-    out_dir = Path(t.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prepare_data(t.data_dir, info)
-    train_data, val_data = TokenData(t.data_dir, "train"), TokenData(t.data_dir, "val")
-    check_vocab(t.data_dir, run.model.vocab_size)
 
-    tag = checkpoint.latest_tag(out_dir)
-    if t.init_from == "scratch" and tag is not None:
-        raise ConfigError(f"init_from=scratch but {out_dir} already holds checkpoint {tag}; "
-                          "use --init_from=resume or another --out_dir")
-    if t.init_from == "resume" and tag is None:
-        raise ConfigError(f"init_from=resume but {out_dir} holds no complete checkpoint")
-
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = build_model(run.model)  # the full model on every rank: TP shards are cut from it
-    if t.tp > 1:
-        from .parallel.tensor_parallel import parallelize_tp
-
-        model = parallelize_tp(model, t.tp)
-    model = model.to(info.device)
-    dtype = resolve_dtype(t, info.device)
-    if t.renorm == "naive" and run.model.use_ngpt and t.zero_stage == 0 and dtype != torch.float32:
-        raise ConfigError("renorm=naive cannot reach the fp32 masters at ZeRO 0 with bf16/fp16; use renorm=collective")
-    saved = checkpoint.read_state(out_dir, tag) if tag else None
-    load_tag, reshard = tag, bool(saved) and saved.get("dp_size", dp_size) != dp_size
-    if reshard:  # a different data-parallel size: go through DeepSpeed's universal checkpoint
-        if t.zero_stage not in (1, 2) or t.tp != 1 or saved.get("tp", 1) != 1:
-            raise ConfigError(f"checkpoint {tag} was saved at data-parallel size {saved['dp_size']}; resuming at "
-                              f"{dp_size} works at ZeRO 1 or 2 without tensor parallelism")
-        log.info("checkpoint %s has data-parallel size %d, this run %d: converting to a universal checkpoint",
-                 tag, saved["dp_size"], dp_size)
-        load_tag = checkpoint.convert_to_universal(out_dir, tag, is_main=info.is_main)
-    engine, ds_config = build_engine(model, t, dp_size, dtype, mpu=mpu, load_universal=reshard)
-    state = checkpoint.load(engine, out_dir, tag=load_tag) if tag else None
-    step = state["step"] if state else 0
-    wall_before = state.get("wall_time", 0.0) if state else 0.0
-    if state:
-        log.info("resumed from %s at step %d", tag, step)
-    elif info.is_main:
-        (out_dir / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2))
-        (out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-
-    tracker = Tracker(out_dir, enabled=info.is_main, tracking_uri=t.tracking_uri or None,
-                      experiment=t.experiment, run_name=run.name)
-    tracker.start(run_id=state.get("tracking_run_id") if state else None,
-                  params={"config": run.to_dict(), "ds": ds_config},
-                  tags={"preset": run.name, "world_size": info.world_size, "dp_size": dp_size, "tp": t.tp,
-                        "device": info.device.type, "git_commit": git_commit() or "unknown",
-                        **({"mlflow.parentRunId": t.parent_run_id} if t.parent_run_id else {})})
-
-    renormalize = collective_renormalize_ if t.renorm == "collective" else renormalize_engine_weights_
-    renorm_bytes = 0
-    tokens_per_step = t.batch_size * run.model.block_size * accum * dp_size
-    timer = StepTimer()
-    launch_start, start_step = time.time(), step
-    metrics_file = open(out_dir / "metrics.jsonl", "a") if info.is_main else None
-    last: dict = {}
-    val_loss = None
-    stop_reason = "max_iters"
-    bar = progress_bar(info.is_main, step, t.max_iters)
-    while step < t.max_iters:
-        if step % t.eval_interval == 0:
-            val_loss = evaluate(engine, val_data, run, dp_rank, dp_size, info.device)
-            log.info("step %d: val loss %.4f", step, val_loss)
-            tracker.log_metrics({"val/loss": val_loss}, step)
-        lr = lr_at(step, t)
-        set_lr(engine, lr)
-        timer.start()
-        logging_step = (step + 1) % t.log_interval == 0 or step + 1 == t.max_iters
-        loss_sum = torch.zeros((), device=info.device)  # summed on device: no host sync per micro step
-        for micro in range(accum):
-            x, y = get_batch(train_data, seed=t.seed, step=step, micro_step=micro, dp_rank=dp_rank,
-                             dp_size=dp_size, micro_batch=t.batch_size, block_size=run.model.block_size,
-                             grad_accum=accum)
-            _, loss = engine(x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True))
-            engine.backward(loss)
-            if micro == accum - 1 and logging_step:
-                local_grad_norm = plain_grad_norm(engine)  # DeepSpeed reports none at ZeRO 0 in fp32
-            engine.step()
-            loss_sum += loss.detach().float()
-        if engine.was_step_applied():
-            renorm_bytes = renormalize(engine)
-        step += 1
-        step_time = timer.stop(info.device)
-        if on_step is not None:
-            on_step(engine, step)
-        if bar is not None:
-            bar.update(1)
-
-        if logging_step:
-            train_loss = all_reduce_mean(loss_sum.item() / accum, info.device)
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = local_grad_norm if grad_norm is None else grad_norm
-            tok_s = tokens_per_step / step_time
-            last = {"train/loss": train_loss, "lr": lr, "grad_norm": float(grad_norm or 0.0),
-                    "tokens_per_s": tok_s, "step_time_s": step_time, "memory_mb": memory_mb(info.device),
-                    "renorm_bytes": float(renorm_bytes or 0)}
-            util = mfu(run.model, tok_s, info.world_size, info.device, t.peak_tflops)
-            if util is not None:
-                last["mfu"] = util
-            log.info("step %d: loss %.4f lr %.2e grad %.3f %.0f tok/s %.3fs/step%s", step, train_loss, lr,
-                     last["grad_norm"], tok_s, step_time, f" mfu {util:.1%}" if util is not None else "")
-            tracker.log_metrics(last, step)
-            if metrics_file:
-                metrics_file.write(json.dumps({"step": step, **last}) + "\n")
-                metrics_file.flush()
-        if step % t.track_interval == 0:
-            tracker.log_metrics(model_stats(engine), step)
-
-        elapsed = time.time() - launch_start
-        want_stop = stop.reason is not None
-        if t.time_limit_seconds and elapsed + 2 * timer.mean + timer.save_time > t.time_limit_seconds:
-            want_stop, stop_reason = True, "time_limit_seconds"
-        if t.max_iters_per_launch and step - start_step >= t.max_iters_per_launch:
-            want_stop, stop_reason = True, "max_iters_per_launch"
-        stopping = all_reduce_max(want_stop, info.device) > 0
-        if stopping and stop.reason:
-            stop_reason = stop.reason
-        if stopping or step % t.checkpoint_interval == 0 or step == t.max_iters:
-            save_start = time.time()
-            checkpoint.save(engine, out_dir, step, {
-                "step": step, "tracking_run_id": tracker.run_id, "config": run.to_dict(),
-                "dp_size": dp_size, "tp": t.tp, "zero_stage": engine.zero_optimization_stage(),
-                "wall_time": wall_before + time.time() - launch_start,
-            }, keep=t.keep_checkpoints, is_main=info.is_main)
-            timer.save_time = time.time() - save_start
-        if stopping:
-            log.info("stopping at step %d (%s); checkpoint saved", step, stop_reason)
-            break
-
-    if bar is not None:
-        bar.close()
-    if step >= t.max_iters:  # the loop exits before evaluating its last step
-        val_loss = evaluate(engine, val_data, run, dp_rank, dp_size, info.device)
-        log.info("step %d: val loss %.4f", step, val_loss)
-        tracker.log_metrics({"val/loss": val_loss}, step)
-    summary = {
-        "final_step": step, "stop_reason": stop_reason, "train_loss": last.get("train/loss"),
-        "val_loss": val_loss, "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"),
-        "wall_time_s": wall_before + time.time() - launch_start, "tracking_run_id": tracker.run_id,
-        "preset": run.name, "world_size": info.world_size, "tp": t.tp, "dp": dp_size,
-    }
-    if info.is_main:
-        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-        for name in ("run_config.json", "ds_config.json", "summary.json"):
-            if (out_dir / name).exists():
-                tracker.log_artifact(out_dir / name)
-        metrics_file.close()
-    tracker.end("FINISHED" if step >= t.max_iters else "KILLED")  # KILLED: to be resumed
+def _train_locked(run: RunConfig, info: DistInfo, layout: Layout, out_dir: Path, stop: StopFlag,
+                  on_step: Callable | None) -> dict:
+    job = build_job(run, info, layout, out_dir)
+    try:
+        reason = loop(job, stop, on_step)
+        summary = write_summary(job, reason)
+    except BaseException as e:
+        # A crash (or an abort) leaves the tracking run FAILED with the reason, never RUNNING.
+        job.tracker.set_tags({"letngpt.failure": f"{type(e).__name__}: {e}".splitlines()[0][:500]})
+        job.tracker.end("FAILED")
+        raise
+    finally:
+        job.guard.remove()
+    job.tracker.end("FINISHED" if job.step >= run.train.max_iters else "KILLED")  # KILLED: to be resumed
     return summary

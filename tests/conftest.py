@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,25 @@ def run_train(args: list[str], *, nproc: int = 1, script: str = "train.py", time
                str(ROOT / script), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env or subprocess_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def tiny(data: Path, out: Path, *extra: str) -> list[str]:
+    """TINY's arguments on a dataset and out_dir, plus extras (later flags win)."""
+    return [*TINY, f"--data_dir={data}", f"--out_dir={out}", *extra]
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Block until a running trainer has logged `step` to metrics.jsonl (complete lines only)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.returncode}\n{proc.stdout.read()[-3000:]}")
+        metrics = out / "metrics.jsonl"
+        lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []
+        if any(json.loads(x)["step"] >= step for x in lines):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout}s")
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:

@@ -83,3 +83,34 @@ def test_three_step_run_from_another_folder(installed, tmp_path):
     assert summary["final_step"] == 3
     assert (tmp_path / "data" / "tinyshakespeare" / "meta.json").is_file()
     assert os.path.isfile(tmp_path / "out" / "tiny_LETNGPT" / "checkpoints" / "latest_complete")
+
+
+def test_make_setup_is_idempotent_and_isolates_only_deepspeed(tmp_path):
+    """`make setup` is a no-op while the stamp is newer than its inputs, reruns when they change,
+    and only the DeepSpeed line skips build isolation."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "constraints", tmp_path / "constraints")
+    stamp = tmp_path / ".venv" / ".letngpt-installed"
+    stamp.parent.mkdir()
+    stamp.touch()
+    older = stamp.stat().st_mtime - 60
+    for name in ("pyproject.toml", "constraints/cpu.txt"):
+        os.utime(tmp_path / name, (older, older))
+    assert subprocess.run(["make", "-q", "setup"], cwd=tmp_path).returncode == 0  # up to date: nothing to do
+    os.utime(tmp_path / "pyproject.toml")  # now newer than the stamp
+    assert subprocess.run(["make", "-q", "setup"], cwd=tmp_path).returncode == 1
+    lines = run(["make", "-n", "setup"], cwd=tmp_path).stdout.splitlines()
+    installs = [line for line in lines if "pip install" in line]
+    assert len(installs) == 4 and all("-c constraints/cpu.txt" in line for line in installs)
+    no_isolation = [line for line in installs if "--no-build-isolation" in line]
+    assert len(no_isolation) == 1 and no_isolation[0].rstrip().endswith("deepspeed")
+
+
+def test_ci_runs_the_readme_test_command_without_pip_cache():
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].split()
+    assert quick == ["make", "train", "make", "test"]
+    commands = [line for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert "export PIP_NO_CACHE_DIR=1" in commands and commands[-1] == "make test"

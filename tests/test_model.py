@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,6 +58,47 @@ def test_rope_is_a_rotation():
     assert abs(float(qs[5] @ ks[5] - qs[5] @ ks[2])) > 1e-6  # and it does depend on i - j
 
 
+def first_layer_scores(model: torch.nn.Module, idx: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """Pre-softmax scores scale * q_i . k_j of the first attention call, [B, heads*maps, T, T]."""
+    import letngpt.model as model_module
+
+    calls = []
+    real_attend = model_module.attend
+
+    def recording_attend(q, k, v, *, scale, backend="auto"):
+        calls.append((q.detach().clone(), k.detach().clone(), scale))
+        return real_attend(q, k, v, scale=scale, backend=backend)
+
+    monkeypatch.setattr(model_module, "attend", recording_attend)
+    model(idx)
+    q, k, scale = calls[0]
+    return scale * torch.einsum("bihd,bjhd->bhij", q, k)
+
+
+@pytest.mark.parametrize("variant", ["nGPT", "LETNGPT"])
+def test_scores_depend_on_relative_position_only(variant, monkeypatch):
+    """With a non-uniform s_qk, score(i, i - d) must not depend on i (RoPE rotates last).
+
+    Every position holds the same token, so the first layer's q and k differ between
+    positions only by RoPE; any dependence on i beyond fp32 angle rounding is a bug.
+    """
+    torch.manual_seed(0)
+    T = 64
+    model = letngpt.build_model(small_cfg(*VARIANTS[variant], block_size=T)).double()
+    with torch.no_grad():
+        for block in model.blocks:  # effective s_qk uniform in [0.5, 1.5], per dimension
+            s_qk = block.attn.s_qk
+            s_qk.weight.copy_(torch.rand_like(s_qk.weight).add(0.5) / s_qk.multiplier)
+    idx = torch.full((1, T), 7)
+    scores = first_layer_scores(model, idx, monkeypatch)[0]
+    assert scores.shape[-1] == T
+    for d in range(T - 1):
+        diagonal = torch.diagonal(scores, offset=-d, dim1=-2, dim2=-1)  # score(i, i - d) over i
+        spread = (diagonal.max(-1).values - diagonal.min(-1).values).max()
+        assert spread < 1e-5, (d, float(spread))
+    assert (scores[:, 10, 10] - scores[:, 10, 5]).abs().max() > 1e-3  # and it does depend on d
+
+
 @pytest.mark.parametrize("variant", ["nGPT", "LETNGPT"])
 def test_normalized_weights_and_hidden_states(variant):
     torch.manual_seed(0)
@@ -85,11 +127,77 @@ def test_gpt_has_nothing_to_normalize():
     assert model.unit_norm_axes() == {}
 
 
-def naive_attention(attn: LinearEnsembleAttention, x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Per-head, per-map loop with an explicit mask: the definition, written independently."""
-    B, T, _ = x.shape
-    m, hd = attn.num_maps, attn.head_dim
-    cos, sin = rope_tables(T, hd, 10000.0, x.device)
+# Which matrices read the embedding space (input projections, lm_head) and which write into it (output
+# projections): the model's roles, written down here without the model's unit_norm_axes() table.
+READERS = ("attn.query", "attn.key", "attn.value", "mlp.fc_u", "mlp.fc_v")
+WRITERS = ("attn.proj", "mlp.proj")
+
+
+def embedding_space_violations(model, tol: float = 1e-5) -> list[str]:
+    """Probe every matrix as a black box with basis vectors and unit inputs.
+
+    A writer maps each basis vector e_i to a vector of the embedding space: it must have unit norm.
+    A reader's output unit j is row_j . x: for unit x it is at most 1, and over the basis vectors its
+    responses (row_j . e_i)_i have norm |row_j| = 1, the value it reaches on its own direction.
+    """
+    d = model.config.n_embd
+    bad = []
+    tokens = torch.arange(model.config.vocab_size)
+    if ((model.wte(tokens).norm(dim=-1) - 1).abs() > tol).any():
+        bad.append("wte")
+    modules = {"lm_head": model.lm_head}
+    for i, block in enumerate(model.blocks):
+        modules.update({f"blocks.{i}.{n}": block.get_submodule(n) for n in READERS + WRITERS})
+    gen = torch.Generator().manual_seed(3)
+    for name, module in modules.items():
+        basis = torch.eye(module.in_features, dtype=module.weight.dtype)
+        out = module(basis)  # row i: the module's output for e_i
+        if name.endswith(WRITERS):
+            ok = ((out.norm(dim=1) - 1).abs() <= tol).all()
+        else:
+            assert module.in_features == d
+            unit_inputs = F.normalize(torch.randn(256, d, generator=gen, dtype=out.dtype), dim=-1)
+            ok = ((out.norm(dim=0) - 1).abs() <= tol).all() and (module(unit_inputs).abs() <= 1 + tol).all()
+        if not ok:
+            bad.append(name)
+    return bad
+
+
+@pytest.mark.parametrize("num_maps", [1, 3])
+def test_every_matrix_keeps_the_embedding_space_on_the_sphere(num_maps):
+    """Square matrices (q, k, v, attn.proj: 64 x 64 here) cannot tell dim 0 from dim 1 by shape, so
+    the check is semantic; and it fails when the writers are normalised along the wrong axis."""
+    torch.manual_seed(0)
+    model = letngpt.build_model(small_cfg(True, num_maps)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.7)
+    letngpt.normalize_weights_(model)
+    assert embedding_space_violations(model) == []
+    with torch.no_grad():  # swap the axis of the (square) attention output projections
+        for block in model.blocks:
+            block.attn.proj.weight.copy_(unit(torch.randn_like(block.attn.proj.weight), dim=1))
+    assert embedding_space_violations(model) == ["blocks.0.attn.proj", "blocks.1.attn.proj"]
+
+
+def rotate(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """RoPE on [B, T, hd], from the formula: position t turns the pair (x_i, x_{i+hd/2}) by
+    t * base^(-2i/hd). cos and sin are taken in fp32, as the model documents for its tables."""
+    T, hd = x.shape[1], x.shape[2]
+    inv_freq = base ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    angle = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    a, b = x[..., : hd // 2], x[..., hd // 2:]
+    return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+
+
+def naive_attention(attn: LinearEnsembleAttention, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Per-head, per-map loop with an explicit mask, from the formulas with this test's own constants:
+    nGPT: q = rope(s_qk * q / |q|), the same for k, s_qk = stored * sqrt(d) (stored at init: 1/sqrt(d)),
+    softmax temperature sqrt(hd); GPT: softmax scale 1/sqrt(hd). M > 1: w_m = tanh(r_m), then an RMS
+    norm over the head dimension (eps 1e-6) with its gain."""
+    B, T, d = x.shape
+    n_head, m, hd = cfg.n_head, cfg.num_maps, d // cfg.n_head
     q = (x @ attn.query.weight.T).view(B, T, n_head, m, hd)
     k = (x @ attn.key.weight.T).view(B, T, n_head, m, hd)
     v = (x @ attn.value.weight.T).view(B, T, n_head, hd)
@@ -98,17 +206,16 @@ def naive_attention(attn: LinearEnsembleAttention, x: torch.Tensor, n_head: int)
     for h in range(n_head):
         mixed = 0
         for j in range(m):
-            qj = apply_rope(q[:, :, h, j][:, :, None], cos, sin)[:, :, 0]
-            kj = apply_rope(k[:, :, h, j][:, :, None], cos, sin)[:, :, 0]
-            if attn.use_ngpt:
-                s = attn.s_qk().view(n_head, m, hd)[h, j]
-                qj, kj = s * F.normalize(qj, dim=-1), s * F.normalize(kj, dim=-1)
-            scores = (qj @ kj.transpose(1, 2)) * attn.softmax_scale
+            qj, kj = q[:, :, h, j], k[:, :, h, j]
+            if cfg.use_ngpt:
+                s = (attn.s_qk.weight * math.sqrt(d)).view(n_head, m, hd)[h, j]
+                qj, kj = s * qj / qj.norm(dim=-1, keepdim=True), s * kj / kj.norm(dim=-1, keepdim=True)
+            scores = (rotate(qj) @ rotate(kj).transpose(1, 2)) * (math.sqrt(hd) if cfg.use_ngpt else 1 / math.sqrt(hd))
             probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-            weight = attn.ensemble_weights()[j] if m > 1 else 1.0
+            weight = torch.tanh(attn.ensemble_logits[j]) if m > 1 else 1.0
             mixed = mixed + weight * (probs @ v[:, :, h])
         if m > 1:
-            mixed = attn.head_norm(mixed)
+            mixed = mixed * torch.rsqrt(mixed.pow(2).mean(-1, keepdim=True) + 1e-6) * attn.head_norm.weight
         heads.append(mixed)
     return torch.cat(heads, dim=-1) @ attn.proj.weight.T
 
@@ -118,15 +225,18 @@ def naive_attention(attn: LinearEnsembleAttention, x: torch.Tensor, n_head: int)
 def test_fused_attention_equals_per_map_loop(use_ngpt, num_maps):
     torch.manual_seed(0)
     cfg = small_cfg(use_ngpt, num_maps, n_embd=64, n_head=4)
-    attn = LinearEnsembleAttention(cfg)
-    if use_ngpt:
-        with torch.no_grad():
+    attn = LinearEnsembleAttention(cfg).double()
+    with torch.no_grad():
+        if use_ngpt:
             attn.s_qk.weight.uniform_(0.05, 0.3)  # non-trivial per-dimension scales
-    x = torch.randn(2, 24, 64)
+        if num_maps > 1:
+            attn.ensemble_logits.normal_()
+            attn.head_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 24, 64, dtype=torch.float64)
     cos, sin = rope_tables(24, cfg.head_dim, cfg.rope_base, x.device)
     fused = attn(x, cos, sin)
-    ref = naive_attention(attn, x, cfg.n_head)
-    assert (fused - ref).abs().max() < 1e-5
+    ref = naive_attention(attn, x, cfg)
+    assert (fused - ref).abs().max() < 1e-10
 
 
 def test_one_map_is_plain_attention():
@@ -151,6 +261,41 @@ def test_ensemble_weights_start_signed_and_alternating():
     assert w[0] > 0 and w[1] < 0 and w[2] > 0 and w[3] < 0 and w.sum() > 0
 
 
+@pytest.mark.parametrize("use_ngpt", [True, False])
+def test_ensemble_mix_has_no_inert_scale(use_ngpt):
+    """The head norm removes any overall factor on w, so w = tanh(r) and nothing else may learn
+    a scale there; what model_stats logs is exactly tanh(r_m) per layer."""
+    from letngpt.metrics import model_stats
+
+    torch.manual_seed(0)
+    model = letngpt.build_model(small_cfg(use_ngpt, 3))
+    attn_params = {n for n, _ in model.blocks[0].attn.named_parameters()}
+    mixing = {n for n in attn_params if not n.startswith(("query", "key", "value", "proj", "s_qk"))}
+    assert mixing == {"ensemble_logits", "head_norm.weight"}
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.attn.ensemble_logits.copy_(torch.tensor([0.3, -1.2, 2.0]) * (i + 1))
+    stats = model_stats(SimpleNamespace(module=model))
+    for i in range(2):
+        for m, r in enumerate([0.3, -1.2, 2.0]):
+            assert abs(stats[f"ensemble/layer{i}/w{m}"] - math.tanh(r * (i + 1))) < 1e-6
+
+
+def test_old_state_dict_with_ensemble_scale_loads():
+    """A state dict from before the scale was removed loads strictly (the key is dropped) and
+    reproduces the model it came from."""
+    torch.manual_seed(0)
+    model = letngpt.build_model(small_cfg(True, 3)).double()
+    old = model.state_dict()
+    for i in range(len(model.blocks)):
+        old[f"blocks.{i}.attn.ensemble_scale"] = torch.full((1,), 3.0, dtype=torch.float64)
+    torch.manual_seed(1)
+    fresh = letngpt.build_model(small_cfg(True, 3)).double()
+    fresh.load_state_dict(old)
+    idx = torch.randint(0, 97, (2, 32))
+    assert (fresh(idx)[0] - model(idx)[0]).abs().max() < 1e-12
+
+
 def expected_param_count(c: ModelConfig) -> int:
     d, L, V, M, hidden = c.n_embd, c.n_layer, c.vocab_size, c.num_maps, c.mlp_ratio * c.n_embd
     per_layer = (2 * M + 2) * d * d + 3 * d * hidden
@@ -159,7 +304,7 @@ def expected_param_count(c: ModelConfig) -> int:
     else:
         per_layer += 2 * d  # two RMSNorm gains
     if M > 1:
-        per_layer += M + 1 + c.head_dim  # r_m, s, head-norm gain
+        per_layer += M + c.head_dim  # r_m, head-norm gain
     return L * per_layer + 2 * V * d + (V if c.use_ngpt else d)  # + s_z or the final norm
 
 
@@ -172,10 +317,13 @@ def test_presets_build_on_meta_with_closed_form_size(name):
 
 
 def test_ngpt_1k_size_matches_issue_formula():
-    cfg = letngpt.get_config("nGPT_1kctx_10k_lr30e-4").model
-    d = 1024
-    vectors = 24 * (d + 2 * 4 * d + 2 * d) + 50304
-    assert expected_param_count(cfg) == 24 * 16 * d * d + 2 * 50304 * d + vectors
+    """The built 1k nGPT (on meta) against the count written out by hand: 16 d x d matrices per layer
+    (q, k, v, o and 3 x 4d MLP), untied embedding and lm_head, and the scaling vectors."""
+    with torch.device("meta"):
+        model = letngpt.build_model(letngpt.get_config("nGPT_1kctx_10k_lr30e-4").model)
+    d, vocab = 1024, 50304
+    vectors = 24 * (d + 2 * 4 * d + 2 * d) + vocab  # per layer s_qk, s_u and s_v, two alphas; s_z
+    assert sum(p.numel() for p in model.parameters()) == 24 * 16 * d * d + 2 * vocab * d + vectors
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -212,7 +360,13 @@ def test_unit_handles_zero_vectors():
 
 
 def test_head_dim_with_three_maps_and_eight_heads():
-    cfg = letngpt.get_config("LETNGPT_1kctx_10k_lr30e-4").model
-    assert cfg.head_dim == 128 and cfg.num_maps == 3
-    attn_rows = cfg.n_head * cfg.num_maps * cfg.head_dim
-    assert attn_rows == 3 * 1024 and math.isclose(cfg.n_embd / cfg.n_head, 128)
+    """The 1k LET-nGPT's attention as built: 8 heads of 128 with 3 query/key maps each, one value per
+    head, and per-head mixing weights and norm."""
+    with torch.device("meta"):
+        model = letngpt.build_model(letngpt.get_config("LETNGPT_1kctx_10k_lr30e-4").model)
+    attn = model.blocks[0].attn
+    assert (attn.head_dim, attn.num_maps) == (128, 3)
+    assert attn.query.weight.shape == attn.key.weight.shape == (8 * 3 * 128, 1024)
+    assert attn.value.weight.shape == attn.proj.weight.shape == (1024, 1024)
+    assert attn.ensemble_logits.shape == (3,) and attn.head_norm.weight.shape == (128,)
+    assert attn.s_qk.weight.shape == (8 * 3 * 128,)

@@ -21,15 +21,23 @@ def tiny(data: Path, out: Path, *extra: str) -> list[str]:
     return [*TINY, f"--data_dir={data}", f"--out_dir={out}", *extra]
 
 
+# Replicated parameters per layer (TP keeps them whole on every rank): GPT 2 norm gains; nGPT 2 alphas;
+# with M > 1 also r_m and the head-norm gain. Plus GPT's final norm.
+REPLICATED = {"GPT": 2 * 2 + 1, "nGPT": 2 * 2, "LETNGPT": 2 * 4, "LETNGPT_maps5": 2 * 4, "LETTransformer": 2 * 4 + 1}
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_matches_tp1_for_every_variant(tp, tmp_path):
     out = tmp_path / "report.json"
     check_ok(run_train([str(out)], nproc=tp, script="tests/workers/tp_equivalence.py"))
-    report = json.loads(out.read_text())
-    assert report["tp"] == tp and len(report["report"]) == 5
-    for variant, r in report["report"].items():
-        assert r["weights"] == 0.0, variant  # layout-invariant start: the shards ARE the TP=1 weights
-        assert r["logits"] < 1e-5 and r["loss"] < 1e-5 and r["grad"] < 1e-5, (variant, r)
+    for rank in range(tp):  # every rank's own copies, not only rank 0's
+        report = json.loads(Path(f"{out}.rank{rank}").read_text())
+        assert report["tp"] == tp and report["rank"] == rank and len(report["report"]) == 5
+        for variant, r in report["report"].items():
+            assert r["weights"] == 0.0, variant  # layout-invariant start: the shards ARE the TP=1 weights
+            assert r["logits"] < 1e-5 and r["loss"] < 1e-5 and r["grad"] < 1e-5, (variant, rank, r)
+            assert r["replicated"] == REPLICATED[variant], (variant, r)
+            assert r["replicated_weights"] == 0.0 and r["replicated_grad"] < 1e-5, (variant, rank, r)
 
 
 @pytest.fixture(scope="module")

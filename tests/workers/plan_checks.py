@@ -44,7 +44,7 @@ def measure(stage: int) -> dict:
     torch.manual_seed(0)
     train = TrainConfig(zero_stage=stage, batch_size=2, gradient_accumulation_steps=ACCUM, learning_rate=1e-3,
                         dtype="float32", device="cpu")
-    engine, _ = build_engine(build_model(ModelConfig(**CFG)), train, dist.get_world_size(), torch.float32)
+    engine, _, _ = build_engine(build_model(ModelConfig(**CFG)), train, dist.get_world_size(), torch.float32)
     x = torch.randint(CFG["vocab_size"], (2, CFG["block_size"] + 1), generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # count the second optimizer step: ZeRO 3 settles its persistent parameters in the first
         with CommCounter() as step_comm:

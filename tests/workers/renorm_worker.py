@@ -126,12 +126,9 @@ def run_case(case: str, steps: int, dp_size: int, tmp: Path) -> dict:
     stage, *opts = case.split(":")
     opts = dict(o.split("=") if "=" in o else (o, "1") for o in opts)
     ds_config = ""
-    if "persist" in opts or "accum32" in opts:
+    if "persist" in opts:  # ZeRO 3 keeps params under this many elements gathered ("persistent")
         cfg = json.loads((DS_CONFIG_DIR / f"zero{stage[1:]}.json").read_text())
-        if "persist" in opts:  # ZeRO 3 keeps params under this many elements gathered ("persistent")
-            cfg["zero_optimization"]["stage3_param_persistence_threshold"] = int(opts["persist"])
-        if "accum32" in opts:  # bf16 weights, fp32 gradient accumulation: DeepSpeed's BF16_Optimizer at ZeRO 1
-            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = int(opts["persist"])
         ds_config = str(tmp / f"{case.replace(':', '_')}_rank{dist.get_rank()}.json")
         Path(ds_config).write_text(json.dumps(cfg))
     torch.manual_seed(1234)
@@ -146,7 +143,7 @@ def run_case(case: str, steps: int, dp_size: int, tmp: Path) -> dict:
     train = TrainConfig(zero_stage=int(stage[1:]), batch_size=2, gradient_accumulation_steps=dp_size,
                         learning_rate=2e-2, weight_decay=0.1, grad_clip=1.0, device="cpu",
                         dtype="bfloat16" if "bf16" in opts else "float32", ds_config=ds_config)
-    engine, _ = build_engine(model, train, dp_size, resolve_dtype(train, torch.device("cpu")), mpu=mpu)
+    engine, _, _ = build_engine(model, train, dp_size, resolve_dtype(train, torch.device("cpu")), mpu=mpu)
     dims = engine.module.unit_norm_axes()
     named = dict(engine.module.named_parameters())
     params = {name: named[name] for name in dims}

@@ -64,7 +64,7 @@ def run_steps(cfg: ModelConfig, train: TrainConfig, steps: int, mpu=None, tp: in
 
         model = parallelize_tp(model, tp)
     dp = dist.get_world_size() // tp
-    engine, _ = build_engine(model, train, dp, torch.float32, mpu=mpu)
+    engine, _, _ = build_engine(model, train, dp, torch.float32, mpu=mpu)
     losses, deviations = [], []
     dp_rank = dist.get_rank() // tp
     for step in range(steps):

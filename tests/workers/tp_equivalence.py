@@ -1,5 +1,7 @@
 """Under torchrun with N ranks: TP=N vs TP=1 for every variant, from the same weights.
-Writes the worst logits / loss / gradient differences to the JSON file given as argv[1]."""
+EVERY rank writes its worst logits / loss / gradient differences to argv[1] + ".rank<R>": the
+replicated parameters (alphas, ensemble weights, norm gains) live and get their gradients on every
+rank, so each rank's copy is compared, not only rank 0's."""
 
 from __future__ import annotations
 
@@ -47,25 +49,34 @@ def main() -> None:
         ref_loss.backward()
         logits, loss = sharded(idx, tgt)
         loss.backward()
-        ref_params = dict(full.named_parameters())
-        grad_err, weight_err = 0.0, 0.0
-        for pname, p in sharded.named_parameters():
-            ref = ref_params[pname]
-            weight_err = max(weight_err, float((gather_tp_param(p) - ref).abs().max()))
-            g = p.grad
-            g.tensor_model_parallel = getattr(p, "tensor_model_parallel", False)
-            g.partition_dim = getattr(p, "partition_dim", 0)
-            full_grad = gather_tp_param(g)
-            grad_err = max(grad_err, float((full_grad - ref.grad).abs().max()))
         report[name] = {
             "logits": float((gather_vocab(logits) - ref_logits).abs().max()),
             "loss": abs(float(loss) - float(ref_loss)),
-            "grad": grad_err, "weights": weight_err,
+            **compare_params(sharded, dict(full.named_parameters())),
             "local_q_rows": sharded.blocks[0].attn.query.weight.shape[0],
         }
-    if dist.get_rank() == 0:
-        Path(sys.argv[1]).write_text(json.dumps({"tp": tp, "report": report}))
+    rank = dist.get_rank()
+    Path(f"{sys.argv[1]}.rank{rank}").write_text(json.dumps({"tp": tp, "rank": rank, "report": report}))
     shutdown()
+
+
+def compare_params(sharded: torch.nn.Module, ref_params: dict) -> dict:
+    """Worst weight / gradient differences against TP=1, for sharded parameters (gathered) and,
+    separately, for this rank's own copies of the replicated ones."""
+    out = {"grad": 0.0, "weights": 0.0, "replicated_grad": 0.0, "replicated_weights": 0.0, "replicated": 0}
+    for pname, p in sharded.named_parameters():
+        ref = ref_params[pname]
+        g = p.grad
+        g.tensor_model_parallel = getattr(p, "tensor_model_parallel", False)
+        g.partition_dim = getattr(p, "partition_dim", 0)
+        weight_err = float((gather_tp_param(p) - ref).abs().max())
+        grad_err = float((gather_tp_param(g) - ref.grad).abs().max())
+        out["weights"], out["grad"] = max(out["weights"], weight_err), max(out["grad"], grad_err)
+        if not getattr(p, "tensor_model_parallel", False):
+            out["replicated"] += 1
+            out["replicated_weights"] = max(out["replicated_weights"], float((p.detach() - ref).abs().max()))
+            out["replicated_grad"] = max(out["replicated_grad"], float((p.grad - ref.grad).abs().max()))
+    return out
 
 
 if __name__ == "__main__":

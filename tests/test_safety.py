@@ -1,0 +1,303 @@
+"""When training goes wrong, good weights survive: the non-finite guard, verified checkpoints
+with fallback, one run per out_dir, Ctrl-C, FAILED tracking runs, and one-line errors for bad
+data, DeepSpeed configs, architectures and out_dirs. Real processes, real DeepSpeed, gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, check_ok, read_metrics, run_train, subprocess_env, tiny, wait_for_step
+
+from letngpt import checkpoint
+from letngpt.errors import LockError
+from letngpt.runlock import LOCK_FILE, OutDirLock, stale_reason
+
+pytestmark = pytest.mark.slow
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, no traceback, and the last stderr line is `error: ...` holding every needle."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(n in last for n in needles), last
+    return last
+
+
+def step_tags(out: Path) -> list[str]:
+    return checkpoint.step_tags(checkpoint.checkpoint_dir(out))
+
+
+@pytest.fixture(scope="module")
+def good_run(byte_data, tmp_path_factory) -> Path:
+    """20 steps at ZeRO 1, checkpoints at 10 and 20: the good weights the tests try to lose."""
+    out = tmp_path_factory.mktemp("good")
+    check_ok(run_train(tiny(byte_data, out, "--max_iters=20", "--checkpoint_interval=10", "--zero_stage=1")))
+    assert step_tags(out) == ["step_00000010", "step_00000020"]
+    return out
+
+
+def copy_run(good_run: Path, dst: Path) -> Path:
+    shutil.copytree(good_run, dst)
+    return dst
+
+
+# --- the non-finite guard ------------------------------------------------------------------
+
+def finite_checkpoints(out: Path) -> list[str]:
+    """The step tags on disk, after checking that every float tensor each one holds is finite."""
+    import torch
+
+    tags = step_tags(out)
+    for tag in tags:
+        for f in (checkpoint.checkpoint_dir(out) / tag).glob("*model_states.pt"):
+            state = torch.load(f, map_location="cpu", weights_only=False)["module"]
+            bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            assert not bad, f"{tag} holds non-finite {bad}"
+    return tags
+
+
+def test_diverging_run_stops_without_writing_nonfinite_weights(byte_data, tmp_path):
+    proc = run_train(tiny(byte_data, tmp_path, "--max_iters=30", "--learning_rate=1e6", "--checkpoint_interval=1",
+                          "--max_nonfinite_steps=3"))
+    one_line_error(proc, "3 consecutive steps", "non-finite", "without writing a checkpoint")
+    tags = finite_checkpoints(tmp_path)  # whatever was saved before the guard stopped the run is finite
+    assert checkpoint.latest_tag(tmp_path) in (tags[-1] if tags else None,)
+    assert not (tmp_path / "summary.json").exists()
+    skipped = [m for m in read_metrics(tmp_path) if m["train/loss"] is None or m["grad_norm"] is None]
+    assert skipped  # the bad steps were logged, as strict JSON (read_metrics uses json.loads on each line)
+    assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_resuming_with_a_diverging_lr_keeps_the_good_checkpoint(byte_data, good_run, tmp_path):
+    out = copy_run(good_run, tmp_path / "run")
+    proc = run_train(tiny(byte_data, out, "--max_iters=40", "--learning_rate=1e6", "--checkpoint_interval=100",
+                          "--zero_stage=1"))
+    one_line_error(proc, "non-finite")
+    assert finite_checkpoints(out) == ["step_00000010", "step_00000020"]
+    assert checkpoint.latest_tag(out) == "step_00000020"
+    assert checkpoint.verify(checkpoint.checkpoint_dir(out) / "step_00000020") is None
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_nan_on_one_rank_skips_the_step_on_every_rank(stage, byte_data, tmp_path):
+    """Rank 1 alone sees a NaN loss at step 4: on BOTH ranks the fp32 masters and Adam's state
+    do not move at step 4, and step 5 trains again."""
+    proc = run_train(["1", "4", *tiny(byte_data, tmp_path, "--max_iters=6", f"--zero_stage={stage}")], nproc=2,
+                     script="tests/workers/nan_injection.py")
+    check_ok(proc)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"nan_rank{rank}.json").read_text())
+        bad, after = report["records"]
+        assert bad["step"] == 4 and bad["bad"] and bad["max_change"] == 0.0, bad
+        assert bad["adam_after"] == bad["adam_before"], bad
+        assert after["step"] == 5 and after["max_change"] > 0 and after["adam_after"] != after["adam_before"]
+        assert report["summary"]["skipped_steps"] == 1 and report["summary"]["final_step"] == 6
+    assert "optimizer step skipped" in proc.stdout
+
+
+def test_summary_is_strict_json_with_null_for_nonfinite(byte_data, tmp_path):
+    """A NaN on the last (logged) step is skipped; the run finishes and says so in valid JSON."""
+    proc = run_train(["0", "3", *tiny(byte_data, tmp_path, "--max_iters=3")], nproc=1,
+                     script="tests/workers/nan_injection.py")
+    check_ok(proc)
+    text = (tmp_path / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    summary = json.loads(text)
+    assert summary["train_loss"] is None and summary["nonfinite"]["fields"] == ["train_loss"]
+    assert summary["skipped_steps"] == 1
+    assert read_metrics(tmp_path)[-1]["train/loss"] is None
+
+
+# --- verified checkpoints with fallback -------------------------------------------------------
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(byte_data, good_run, tmp_path):
+    out = copy_run(good_run, tmp_path / "run")
+    newest = checkpoint.checkpoint_dir(out) / "step_00000020"
+    victim = max(newest.glob("*.pt"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    proc = run_train(tiny(byte_data, out, "--max_iters=22", "--checkpoint_interval=10", "--zero_stage=1"))
+    check_ok(proc)
+    assert "skipping checkpoint step_00000020" in proc.stdout and "truncated" in proc.stdout
+    assert "resumed from step_00000010 at step 10" in proc.stdout
+    assert (checkpoint.checkpoint_dir(out) / "step_00000020.skipped").is_dir()  # kept aside, not deleted
+    assert json.loads((out / "summary.json").read_text())["final_step"] == 22
+    assert checkpoint.verify(checkpoint.checkpoint_dir(out) / "step_00000020") is None  # written again, good
+
+
+def test_missing_state_file_falls_back(byte_data, good_run, tmp_path):
+    out = copy_run(good_run, tmp_path / "run")
+    (checkpoint.checkpoint_dir(out) / "step_00000020" / checkpoint.STATE_FILE).unlink()
+    proc = run_train(tiny(byte_data, out, "--max_iters=12", "--zero_stage=1"))
+    check_ok(proc)
+    assert "skipping checkpoint step_00000020: letngpt_state.json is missing" in proc.stdout
+    assert "resumed from step_00000010" in proc.stdout
+
+
+def test_corrupt_bytes_of_the_same_size_are_caught(byte_data, good_run, tmp_path):
+    out = copy_run(good_run, tmp_path / "run")
+    for tag in ("step_00000010", "step_00000020"):  # every checkpoint bad: one line naming both
+        victim = max((checkpoint.checkpoint_dir(out) / tag).glob("*.pt"), key=lambda p: p.stat().st_size)
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    proc = run_train(tiny(byte_data, out, "--max_iters=22", "--zero_stage=1"))
+    one_line_error(proc, "no complete checkpoint that verifies", "step_00000020", "step_00000010", "checksum")
+    assert step_tags(out) == ["step_00000010", "step_00000020"]  # nothing deleted
+
+
+def test_pruning_keeps_the_checkpoint_just_verified(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        folder = root / checkpoint.tag_for(step)
+        folder.mkdir(parents=True)
+        (folder / checkpoint.STATE_FILE).write_text(json.dumps({"step": step, "checkpoint_format": 2}))
+        (folder / checkpoint.MANIFEST).write_text(json.dumps({"files": {}}))
+    (root / checkpoint.tag_for(25)).mkdir()  # a save that never finished
+    checkpoint.prune(root, keep=1, protect="step_00000030")
+    assert checkpoint.step_tags(root) == ["step_00000030"]
+    checkpoint.prune(root, keep=1, protect="step_00000030")  # idempotent
+    assert checkpoint.step_tags(root) == ["step_00000030"]
+
+
+# --- one run per out_dir ---------------------------------------------------------------------
+
+def test_second_launch_on_the_same_out_dir_is_refused_then_a_stale_lock_is_taken(byte_data, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), *tiny(byte_data, tmp_path, "--max_iters=100000")]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        wait_for_step(tmp_path, 2, first)
+        holder = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        second = run_train(tiny(byte_data, tmp_path, "--max_iters=5"))
+        one_line_error(second, "in use by another run", f"pid {first.pid}")
+        steps = [m["step"] for m in read_metrics(tmp_path)]
+        assert len(steps) == len(set(steps))  # the second run wrote nothing
+    finally:
+        first.kill()  # SIGKILL: no clean-up, the lock stays behind
+        first.communicate()
+    assert (tmp_path / LOCK_FILE).exists()
+    third = run_train(tiny(byte_data, tmp_path, "--max_iters=3", "--init_from=scratch", f"--out_dir={tmp_path}"))
+    assert "taking over the stale lock" in third.stdout + third.stderr
+    assert not (tmp_path / LOCK_FILE).exists()  # released at exit
+
+
+def test_lock_rules(tmp_path):
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": "77"}
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert stale_reason({"host": me["host"], "pid": dead.pid, "slurm_job_id": ""}, me)  # dead on this host
+    assert stale_reason({"host": "other-node", "pid": 1, "slurm_job_id": "77"}, me)  # this job, requeued
+    assert stale_reason({"host": "other-node", "pid": dead.pid, "slurm_job_id": "78"}, me) is None
+    assert stale_reason({"host": me["host"], "pid": os.getppid(), "slurm_job_id": ""}, me) is None  # alive
+    lock = OutDirLock(tmp_path)
+    lock.acquire()
+    other = OutDirLock(tmp_path)
+    other.me = {**other.me, "host": "elsewhere", "pid": 12345}  # a live run on another node
+    with pytest.raises(LockError, match="in use by another run"):
+        other.acquire()
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+# --- Ctrl-C and tracking status ---------------------------------------------------------------
+
+def test_ctrl_c_checkpoints_and_exits_zero(byte_data, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), *tiny(byte_data, tmp_path, "--max_iters=100000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        wait_for_step(tmp_path, 3, proc)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "KeyboardInterrupt" not in out, out[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stop_reason"] == "SIGINT"
+    assert checkpoint.read_state(tmp_path)["step"] == summary["final_step"] >= 3
+    assert mlflow_status(tmp_path)[0] == "KILLED"  # a clean stop stays resumable
+
+
+def test_second_ctrl_c_aborts_at_once():
+    from letngpt.trainer import StopFlag
+
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    try:
+        flag = StopFlag()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.reason == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for sig, handler in zip((signal.SIGINT, signal.SIGTERM, signal.SIGUSR1), previous, strict=True):
+            signal.signal(sig, handler)
+
+
+def mlflow_status(out: Path) -> tuple[str, dict]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    return runs[0].info.status, runs[0].data.tags
+
+
+def test_a_crash_marks_the_tracking_run_failed(byte_data, tmp_path):
+    proc = run_train(["0", "1,2,3", *tiny(byte_data, tmp_path, "--max_iters=10", "--max_nonfinite_steps=3")],
+                     script="tests/workers/nan_injection.py")
+    assert proc.returncode != 0
+    status, tags = mlflow_status(tmp_path)
+    assert status == "FAILED" and "DivergedError" in tags["letngpt.failure"]
+
+
+# --- one-line errors for bad inputs -----------------------------------------------------------
+
+def test_token_ids_outside_the_model_vocab(byte_data, shakespeare_gpt2, tmp_path):
+    lying = tmp_path / "lying"  # GPT-2 ids under a meta.json that claims a 256-token vocabulary
+    shutil.copytree(shakespeare_gpt2, lying)
+    meta = json.loads((lying / "meta.json").read_text())
+    (lying / "meta.json").write_text(json.dumps({**meta, "vocab_size": 256}))
+    one_line_error(run_train(tiny(lying, tmp_path / "a")), "train.bin holds token id", "vocab_size 256")
+
+    replaced = tmp_path / "replaced"  # same size, every id 0xFFFF: only the checksum can tell
+    shutil.copytree(byte_data, replaced)
+    size = (replaced / "train.bin").stat().st_size
+    (replaced / "train.bin").write_bytes(b"\xff" * size)
+    one_line_error(run_train(tiny(replaced, tmp_path / "b")), "does not match the sha256 in meta.json")
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"zero_optimization": {"stage": 7}}', "stage"),
+    ('{"zero_optimization": {"stage": 1, "no_such_knob": 1}}', "no_such_knob"),
+])
+def test_bad_ds_config(content, needle, byte_data, tmp_path):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(content)
+    one_line_error(run_train(tiny(byte_data, tmp_path / "out", f"--ds_config={cfg}", "--max_iters=2")), needle)
+
+
+def test_resume_with_another_architecture(byte_data, good_run, tmp_path):
+    out = copy_run(good_run, tmp_path / "run")
+    one_line_error(run_train(tiny(byte_data, out, "--max_iters=22", "--n_layer=3", "--zero_stage=1")),
+                   "another architecture", "n_layer: 2 -> 3")
+    proc = run_train(tiny(byte_data, out, "--max_iters=21", "--learning_rate=1e-3", "--zero_stage=1"))
+    check_ok(proc)
+    assert "changed training settings" in proc.stdout and "learning_rate=0.003->0.001" in proc.stdout
+
+
+def test_out_dir_that_cannot_be_written(byte_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    one_line_error(run_train(tiny(byte_data, blocker / "out", "--max_iters=2")), "is not writable")
+    one_line_error(run_train(tiny(byte_data, blocker, "--max_iters=2")), "is not writable")
