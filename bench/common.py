@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import letngpt
+from letngpt.compile import compile_blocks
 from letngpt.config import ModelConfig
 from letngpt.flops import flops_per_token, peak_tflops
 from letngpt.kernels import attend, flash_attn_func
@@ -102,7 +103,7 @@ def get_size(name: str) -> Size:
 class Variant:
     name: str
     cfg: ModelConfig
-    compile: bool = False  # torch.compile the model (inductor), as --compile does inside the engine
+    compile: bool = False  # torch.compile the blocks (letngpt.compile), as --compile does in the trainer
     checkpointing: bool = False  # recompute each block in backward (--activation_checkpointing)
 
 
@@ -261,8 +262,8 @@ class StepRunner:
         if cfg.use_ngpt and dtype != torch.float32:
             letngpt.normalize_weights_(self.model)  # back onto the sphere after the cast
         self.model.checkpoint_blocks = checkpointing
-        if compile:  # what DeepSpeed's engine.compile() does to the module (letngpt.engine.compile_engine)
-            self.model.compile(backend="inductor")
+        if compile:  # what --compile does in the trainer (letngpt.engine.compile_engine)
+            compile_blocks(self.model)
         fused = {"fused": True} if device.type == "cuda" else {}
         self.optimizer_impl = "fused" if fused else "default (foreach)"
         weight_decay = 0.0 if cfg.use_ngpt else 0.1  # the presets' recipes

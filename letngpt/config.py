@@ -95,7 +95,7 @@ class TrainConfig:
     zero_stage: int = 1
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: str = "auto"
-    compile: bool = False  # torch.compile the model inside the DeepSpeed engine (letngpt.engine.compile_engine)
+    compile: bool = False  # torch.compile each block inside the DeepSpeed engine (letngpt.compile)
     activation_checkpointing: bool = False  # recompute each block in backward: activation memory ~ one block
     tp: int = 1
     renorm: str = "collective"  # collective: one all-reduce of row norms; naive: gather whole matrices

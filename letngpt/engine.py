@@ -112,14 +112,14 @@ def check_compile(train: TrainConfig, device: torch.device) -> None:
 
 
 def compile_engine(engine, train: TrainConfig) -> None:
-    """--compile=true: DeepSpeed's own `engine.compile()`, i.e. torch.compile (inductor) of the module
-    inside the engine, so DeepSpeed's forward / backward / step wrappers, ZeRO's gradient hooks and our
-    renormalisation of the fp32 masters stay outside the compiled graph (they act on parameters, which
-    the compiled code reads afresh on every call). nGPT's unit()/sphere_step/scale-vector chains are
-    the elementwise work inductor fuses. megatron's TP layers are autograd Functions with collectives;
-    dynamo traces them as such (same results, see tests/test_speed.py)."""
+    """--compile=true: the module inside the DeepSpeed engine gets its blocks compiled (letngpt.compile:
+    regional compilation, one graph for all blocks), so DeepSpeed's forward / backward / step wrappers,
+    ZeRO's hooks and the renormalisation stay eager around it. Works at ZeRO 0-3 and with megatron's TP
+    layers, whose autograd Functions dynamo traces with their collectives (tests/test_speed.py)."""
     if train.compile:
-        engine.compile(backend="inductor")
+        from .compile import compile_blocks
+
+        compile_blocks(engine.module)
 
 
 def build_engine(model: nn.Module, train: TrainConfig, dp_size: int, dtype: torch.dtype, mpu=None,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from letngpt.compile import blocks_compiled  # noqa: E402
 from letngpt.config import ModelConfig, TrainConfig  # noqa: E402
 from letngpt.distributed import init_distributed, shutdown  # noqa: E402
 from letngpt.engine import build_engine  # noqa: E402
@@ -75,7 +76,7 @@ def run_steps(cfg: ModelConfig, train: TrainConfig, steps: int, mpu=None, tp: in
         collective_renormalize_(engine)
         losses.append(float(loss))
         deviations.append(sphere_deviation(engine) if cfg.use_ngpt else 0.0)
-    return {"losses": losses, "sphere": deviations, "compiled": bool(engine.is_compiled)}
+    return {"losses": losses, "sphere": deviations, "compiled": blocks_compiled(engine.module)}
 
 
 def compile_checks() -> dict:
