@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import letngpt
+from letngpt.compile import compile_blocks
 from letngpt.config import ModelConfig
 from letngpt.flops import flops_per_token, peak_tflops
 from letngpt.kernels import attend, flash_attn_func
@@ -102,6 +103,8 @@ def get_size(name: str) -> Size:
 class Variant:
     name: str
     cfg: ModelConfig
+    compile: bool = False  # torch.compile the blocks (letngpt.compile), as --compile does in the trainer
+    checkpointing: bool = False  # recompute each block in backward (--activation_checkpointing)
 
 
 def variant_configs(size: Size, maps: Sequence[int] = (1, 3, 5), attn_backend: str = "auto") -> list[Variant]:
@@ -248,7 +251,8 @@ class StepRunner:
     """A model, its AdamW and one fixed random batch; `step()` runs and times one training step."""
 
     def __init__(self, name: str, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 *, seed: int = 0, lr: float = 1e-4, grad_clip: float = 0.0) -> None:
+                 *, seed: int = 0, lr: float = 1e-4, grad_clip: float = 0.0, compile: bool = False,
+                 checkpointing: bool = False) -> None:
         self.name, self.cfg, self.device, self.dtype = name, cfg, device, dtype
         self.batch_size, self.grad_clip = batch_size, grad_clip
         torch.manual_seed(seed)
@@ -257,6 +261,9 @@ class StepRunner:
         self.model = model.to(device=device, dtype=dtype).train()
         if cfg.use_ngpt and dtype != torch.float32:
             letngpt.normalize_weights_(self.model)  # back onto the sphere after the cast
+        self.model.checkpoint_blocks = checkpointing
+        if compile:  # what --compile does in the trainer (letngpt.engine.compile_engine)
+            compile_blocks(self.model)
         fused = {"fused": True} if device.type == "cuda" else {}
         self.optimizer_impl = "fused" if fused else "default (foreach)"
         weight_decay = 0.0 if cfg.use_ngpt else 0.1  # the presets' recipes
@@ -384,7 +391,8 @@ def measure_variants(variants: Sequence[Variant], batch_size: int, device: torch
         runners: list[StepRunner] = []
         for v in group:
             try:
-                runners.append(StepRunner(v.name, v.cfg, batch_size, device, dtype, grad_clip=grad_clip))
+                runners.append(StepRunner(v.name, v.cfg, batch_size, device, dtype, grad_clip=grad_clip,
+                                          compile=v.compile, checkpointing=v.checkpointing))
             except Exception as e:  # OOM while building: record, go on without it
                 if not is_oom(e):
                     raise
@@ -448,7 +456,7 @@ def proc_status_mb(field: str) -> float | None:
 
 
 def probe_memory(cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 steps: int = 2) -> dict:
+                 steps: int = 2, checkpointing: bool = False) -> dict:
     """Build one variant and run `steps` training steps in THIS process; report peak memory.
     Meant for a fresh process (bench.memprobe): the numbers include nothing else."""
     out: dict = {"kind": "cuda max_memory_allocated" if device.type == "cuda"
@@ -464,7 +472,7 @@ def probe_memory(cfg: ModelConfig, batch_size: int, device: torch.device, dtype:
         warm.step()
         del warm
     base = proc_status_mb("VmRSS")
-    runner = StepRunner("probe", cfg, batch_size, device, dtype)
+    runner = StepRunner("probe", cfg, batch_size, device, dtype, checkpointing=checkpointing)
     for _ in range(steps):
         runner.step()
     sync(device)
@@ -489,10 +497,12 @@ def subprocess_env(threads: int | None = None) -> dict[str, str]:
 
 
 def memory_in_subprocess(cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype, *,
-                         steps: int = 2, threads: int | None = None, timeout: float = 600) -> dict:
+                         steps: int = 2, threads: int | None = None, timeout: float = 600,
+                         checkpointing: bool = False) -> dict:
     """probe_memory in a fresh `python -m bench.memprobe` process; {'error': ...} if it fails."""
     request = {"config": dataclasses.asdict(cfg), "batch_size": batch_size, "device": str(device),
-               "dtype": str(dtype).replace("torch.", ""), "steps": steps, "threads": threads}
+               "dtype": str(dtype).replace("torch.", ""), "steps": steps, "threads": threads,
+               "checkpointing": checkpointing}
     cmd = [sys.executable, "-m", "bench.memprobe", json.dumps(request)]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(threads), capture_output=True, text=True,

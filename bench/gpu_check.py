@@ -2,6 +2,7 @@
 
     python -m bench.gpu_check flash   --out DIR [--budget S]       # flash-attn vs SDPA (bf16) or its absence
     python -m bench.gpu_check preset NAME --out DIR [--budget S]   # tokens/s, MFU, peak memory, renorm share
+    python -m bench.gpu_check preset NAME --mode compiled|ckpt ... # the same, torch.compile'd / checkpointed
     python -m bench.gpu_check summary --out DIR                    # summary.json + the table (printed)
     python -m bench.gpu_check all     --out DIR                    # all of the above in this process
 
@@ -105,13 +106,22 @@ def stage_flash(out: Path, dry: bool) -> dict:
     return res
 
 
-def stage_preset(name: str, out: Path, dry: bool, deadline: float, steps: int, warmup: int) -> dict:
+MODES = {"": (False, False), "compiled": (True, False), "ckpt": (False, True)}
+
+
+def result_name(name: str, mode: str = "") -> str:
+    """preset_<name>.json for eager, preset_<name>+compiled.json, preset_<name>+ckpt.json for the twins."""
+    return f"{name}+{mode}" if mode else name
+
+
+def stage_preset(name: str, out: Path, dry: bool, deadline: float, steps: int, warmup: int, mode: str = "") -> dict:
     """One preset: warm-up, timed steps (until `deadline`, a time.monotonic() value, comes near),
-    isolated renorm timing, peak memory."""
-    path = out / f"preset_{name}.json"
+    isolated renorm timing, peak memory. mode "compiled": torch.compile'd model (the warm-up steps
+    include the compilation, reported as warmup_s); "ckpt": activation checkpointing per block."""
+    path = out / f"preset_{result_name(name, mode)}.json"
     t_stage = time.monotonic()
     reserve = 5.0 if not dry else 0.5  # seconds kept for the renorm timing and the JSON
-    res: dict = {"stage": "preset", "preset": name, "dry_run": dry, "status": "started"}
+    res: dict = {"stage": "preset", "preset": name, "mode": mode or "eager", "dry_run": dry, "status": "started"}
     try:
         cfg, batch, device, dtype = preset_setup(name, dry)
     except Exception as e:
@@ -128,7 +138,8 @@ def stage_preset(name: str, out: Path, dry: bool, deadline: float, steps: int, w
     times: list[dict] = []
     runner = None
     try:
-        runner = StepRunner(name, cfg, batch, device, dtype)
+        compile_, ckpt = MODES[mode]
+        runner = StepRunner(name, cfg, batch, device, dtype, compile=compile_, checkpointing=ckpt)
         res["params"] = runner.params
         t0 = time.monotonic()
         for _ in range(warmup):
@@ -171,7 +182,7 @@ def stage_preset(name: str, out: Path, dry: bool, deadline: float, steps: int, w
     write_json(path, res)
     del runner
     free_memory(device)
-    print(f"{name}: {res['status']}"
+    print(f"{result_name(name, mode)}: {res['status']}"
           + (f", {res['tokens_per_s']:,.0f} tokens/s, step {res['step_ms_median']:.1f} ms" if times else ""),
           flush=True)
     return res
@@ -182,6 +193,22 @@ def _load(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def twin_ratios(presets: dict) -> list[dict]:
+    """Compiled / checkpointed runs over the same preset's eager run: step time, tokens/s, peak memory."""
+    out = []
+    for name, r in presets.items():
+        if "+" not in name:
+            continue
+        base = presets.get(name.split("+")[0], {})
+
+        def ratio(key: str, r=r, base=base) -> float | None:
+            return r[key] / base[key] if r.get(key) and base.get(key) else None
+
+        out.append({"twin": name, "step_ratio": ratio("step_ms_median"), "tokens_ratio": ratio("tokens_per_s"),
+                    "memory_ratio": ratio("peak_mb")})
+    return out
 
 
 def stage_summary(out: Path) -> dict:
@@ -197,6 +224,8 @@ def stage_summary(out: Path) -> dict:
     flash = _load(out / "flash.json")
     # the presets this run attempted (a JSON file or a shell stage record); all of them if none did
     names = [n for n in PRESETS if (out / f"preset_{n}.json").exists() or f"preset:{n}" in rc_of] or list(PRESETS)
+    twins = [result_name(n, m) for n in PRESETS for m in MODES if m]
+    names += [t for t in twins if (out / f"preset_{t}.json").exists() or f"preset:{t}" in rc_of]
     presets = {}
     for name in names:
         r = _load(out / f"preset_{name}.json")
@@ -221,9 +250,10 @@ def stage_summary(out: Path) -> dict:
     if "step_ms_median" in ngpt and "step_ms_median" in let1k:
         let_over = let1k["step_ms_median"] / ngpt["step_ms_median"]
         targets["LETNGPT 1k step < 1.5x nGPT 1k"] = let_over < TARGET_LET_OVER_NGPT
+    ratios = twin_ratios(presets)
     env = next((r["environment"] for r in presets.values() if "environment" in r), None)
     summary = {"environment": env, "flash": flash, "presets": presets, "stages": stages,
-               "let_over_ngpt_step_1k": let_over, "targets_met": targets}
+               "let_over_ngpt_step_1k": let_over, "targets_met": targets, "twins": ratios}
     write_json(out / "summary.json", summary)
 
     rows = []
@@ -250,6 +280,9 @@ def stage_summary(out: Path) -> dict:
         lines.append(f"flash-attn vs SDPA (bf16): agree={ok}; {mods}")
     lines.append(format_table(["preset", "status", "step ms", "tokens/s", "MFU %", "peak GiB", "renorm %",
                                "renorm ms", "steps"], rows))
+    for t in ratios:
+        lines.append(f"{t['twin']}: step x{fmt(t['step_ratio'], '.2f')}, tokens/s x{fmt(t['tokens_ratio'], '.2f')}, "
+                     f"peak memory x{fmt(t['memory_ratio'], '.2f')} vs eager (same run)")
     if let_over is not None:
         lines.append(f"LETNGPT/nGPT step time at 1k: {let_over:.2f}x (target < {TARGET_LET_OVER_NGPT})")
     if targets:
@@ -271,6 +304,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=90.0, help="seconds this process may take (soft)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30; dry run 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5; dry run 1)")
+    p.add_argument("--mode", choices=[m for m in MODES if m], default="",
+                   help="preset stage: compiled (torch.compile) or ckpt (activation checkpointing) instead of eager")
+    p.add_argument("--modes", default="compiled,ckpt",
+                   help="'all': the twins to run after the eager presets (compiled: the 1k ones; ckpt: the 4k one)")
     p.add_argument("--dry-run", action="store_true", help=f"tiny CPU models instead of the presets (or ${DRY_ENV}=1)")
     return p.parse_args(argv)
 
@@ -288,15 +325,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.preset not in PRESETS:
             raise SystemExit(f"preset must be one of {', '.join(PRESETS)}")
         # the budget counts from the start of this process: imports and CUDA start-up included
-        stage_preset(args.preset, out, dry, _START + args.budget, steps, warmup)
+        stage_preset(args.preset, out, dry, _START + args.budget, steps, warmup, args.mode)
     elif args.stage == "summary":
         stage_summary(out)
     else:  # all, in this process; each preset gets an equal share of the budget that is left
         end = time.monotonic() + args.budget
         stage_flash(out, dry)
-        for i, name in enumerate(PRESETS):
-            share = (end - time.monotonic()) / (len(PRESETS) - i)
-            stage_preset(name, out, dry, time.monotonic() + share, steps, warmup)
+        jobs = [(name, "") for name in PRESETS] + [(n, m) for n in PRESETS for m in args.modes.split(",")
+                                                    if m and (m == "compiled") == ("_1kctx_" in n)]
+        for i, (name, mode) in enumerate(jobs):
+            share = (end - time.monotonic()) / (len(jobs) - i)
+            stage_preset(name, out, dry, time.monotonic() + share, steps, warmup, mode)
         stage_summary(out)
     return 0
 

@@ -5,17 +5,21 @@
 #   bench/gpu_check.sh [OUT_DIR]     # OUT_DIR: $1, else $OUT, else ./gpu_check_out
 #
 # Stages, each a separate Python process under its own time limit (so a slow or out-of-memory
-# stage cannot take the others down), all within GPU_CHECK_BUDGET_S (default 420 s; with the
-# kill grace periods the whole script ends under 7.5 minutes):
+# stage cannot take the others down), all within GPU_CHECK_BUDGET_S (default 445 s; with the
+# kill grace periods the whole script ends under 8 minutes):
 #   1. flash-attn vs SDPA: bf16 outputs/gradients agree, and their speed (or "not available");
-#   2. tokens/s, MFU and peak memory of GPT / nGPT / LETNGPT (3 maps) at 1k context (micro batch
-#      8) and LETNGPT at 4k (micro batch 2), bf16, 5 warm-up + 30 timed steps each;
-#   3. the renormalisation's share of the step (timed inside each step and on its own);
+#   2. eager tokens/s, MFU and peak memory of GPT / nGPT / LETNGPT (3 maps) at 1k context (micro
+#      batch 8), bf16, 5 warm-up + 30 timed steps each, with the renormalisation's share of the step;
+#   3. the same three torch.compile'd (--compile; the warm-up includes the compilation): compiled
+#      vs eager ratios in the summary;
+#   4. LETNGPT at 4k (micro batch 2) without and with activation checkpointing: peak memory
+#      (torch.cuda.max_memory_allocated) and step time, and their ratios;
 # then summary.json / summary.txt, and the summary table printed last.
 # Every stage writes JSON into OUT_DIR; log.txt has everything printed; stages.jsonl each
 # stage's exit code (124 = hit its time limit).
 #
 # Environment: PYTHON (interpreter; default python, else python3), GPU_CHECK_BUDGET_S,
+# GPU_CHECK_MODES (the twin stages of 3. and 4.: "compiled ckpt" by default; "ckpt" or "" run fewer),
 # GPU_CHECK_STEPS, GPU_CHECK_WARMUP, GPU_CHECK_PRESETS (a subset, space or comma separated),
 # GPU_CHECK_DRY_RUN=1 (tiny models on CPU: a rehearsal of the whole pipeline where no GPU exists).
 set -uo pipefail
@@ -31,10 +35,11 @@ if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
 elif command -v python >/dev/null 2>&1; then PY=python
 else PY=python3; fi
 
-BUDGET="${GPU_CHECK_BUDGET_S:-420}"
-RESERVE=25          # seconds kept back for the summary
-FLASH_CAP=60
-PRESET_CAP=85
+BUDGET="${GPU_CHECK_BUDGET_S:-445}"
+RESERVE=20          # seconds kept back for the summary
+FLASH_CAP=30
+PRESET_CAP=40       # an eager or checkpointed preset
+COMPILE_CAP=65      # a compiled preset: the compilation of the 24-layer model comes first
 EXTRA=()
 [[ -n "${GPU_CHECK_STEPS:-}" ]] && EXTRA+=(--steps "$GPU_CHECK_STEPS")
 [[ -n "${GPU_CHECK_WARMUP:-}" ]] && EXTRA+=(--warmup "$GPU_CHECK_WARMUP")
@@ -80,9 +85,22 @@ echo "gpu_check: output in $OUT_DIR, budget ${BUDGET} s, python $PY" | tee -a "$
 
 stage flash "$FLASH_CAP" flash
 PRESETS="${GPU_CHECK_PRESETS:-GPT_1kctx_10k_lr30e-4 nGPT_1kctx_10k_lr30e-4 LETNGPT_1kctx_10k_lr30e-4 LETNGPT_4kctx_10k_lr30e-4}"
-for preset in ${PRESETS//,/ }; do
+for preset in ${PRESETS//,/ }; do   # eager; the renormalisation's share
   stage "preset:$preset" "$PRESET_CAP" preset "$preset"
 done
+MODES=" ${GPU_CHECK_MODES-compiled ckpt} "
+# Each compiled stage gets its own inductor cache: a stage killed at its time limit while inductor writes
+# a kernel must not leave a truncated file for the next stage to load.
+INDUCTOR_DIR="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_inductor.XXXXXX")"
+for preset in ${PRESETS//,/ }; do   # the 1k presets compiled, the 4k one checkpointed
+  if [[ $preset == *_1kctx_* && $MODES == *" compiled "* ]]; then
+    TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_DIR/$preset" \
+      stage "preset:$preset+compiled" "$COMPILE_CAP" preset "$preset" --mode compiled
+  elif [[ $preset == *_4kctx_* && $MODES == *" ckpt "* ]]; then
+    stage "preset:$preset+ckpt" "$PRESET_CAP" preset "$preset" --mode ckpt
+  fi
+done
+rm -rf "$INDUCTOR_DIR"
 
 echo "gpu_check: stages done after $((SECONDS - START)) s" | tee -a "$LOG"
 if ((HAVE_TIMEOUT)); then

@@ -1,7 +1,8 @@
 """Peak memory of ONE variant in a fresh process: `python -m bench.memprobe '<json request>'`.
 
 Called by bench.common.memory_in_subprocess; prints one JSON line (bench.common.probe_memory).
-The request: {"config": ModelConfig fields, "batch_size", "device", "dtype", "steps", "threads"}.
+The request: {"config": ModelConfig fields, "batch_size", "device", "dtype", "steps", "threads",
+"checkpointing"}.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(req["device"])
     setup_threads(req.get("threads") or 0, device)
     result = probe_memory(ModelConfig(**req["config"]), req["batch_size"], device, DTYPE_NAMES[req["dtype"]],
-                          steps=req.get("steps", 2))
+                          steps=req.get("steps", 2), checkpointing=req.get("checkpointing", False))
     print(json.dumps(result))
 
 

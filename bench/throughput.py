@@ -86,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-variant memory probes")
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--attn-reps", type=int, default=20, help="repetitions of the attention-module timings")
+    p.add_argument("--compile", action="store_true",
+                   help="add a torch.compile'd twin of GPT, nGPT and each LET-nGPT; print compiled/eager ratios")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="add a block-checkpointed twin of each variant; print step and peak-memory ratios")
     p.add_argument("--out", default=None, help="JSON path (default out/bench/throughput_<size>_<device>.json)")
     return p.parse_args(argv)
 
@@ -120,6 +124,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         for v in list(variants):
             if v.name in ("nGPT", "LET-nGPT M=3"):
                 variants.append(Variant(f"{v.name} [sdpa]", dataclasses.replace(v.cfg, attn_backend="sdpa")))
+    variants += twins(variants, args)
     peak = peak_for(device, args.peak_tflops)
     env = environment(device, dtype, threads)
     log(f"# throughput: {size_name} {dataclasses.asdict(size)}")
@@ -134,10 +139,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
     add_ratios(results)
     for v, r in zip(variants, results, strict=True):
         r["attention_kernel"] = "flash-attn" if flash_in_model and v.cfg.attn_backend == "auto" else "sdpa"
-        if args.memory:
+        if args.memory and not v.compile:  # the probe runs eager: a compiled twin's memory is not measured
             r["memory"] = memory_in_subprocess(v.cfg, size.batch_size, device, dtype, steps=args.memory_steps,
-                                               threads=threads if device.type == "cpu" else None)
+                                               threads=threads if device.type == "cpu" else None,
+                                               checkpointing=v.checkpointing)
 
+    twin_ratios(results)
     attn_cfgs = [v.cfg for v in variants if v.name.startswith("LET-nGPT M=") and "[" not in v.name]
     attention = bench_attention(attn_cfgs, size.batch_size, device, dtype, reps=args.attn_reps)
     flash_cfgs = [v.cfg for v in variants if v.name in ("nGPT", "LET-nGPT M=3")]
@@ -149,6 +156,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "size": {"name": size_name, **dataclasses.asdict(size)},
         "settings": {"steps": args.steps, "warmup": args.warmup, "interleaved": not args.sequential,
                      "grad_clip": args.grad_clip, "maps": maps, "memory_steps": args.memory_steps,
+                     "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
                      "step": "forward+backward, AdamW step+zero_grad, normalize_weights_ (nGPT variants)",
                      "tokens_per_s": "batch_size*seq_len / median step time",
                      "memory": "one fresh process per variant; GPU: torch.cuda.max_memory_allocated; "
@@ -165,6 +173,45 @@ def run(args: argparse.Namespace, log=print) -> dict:
     write_json(out, report)
     report["json_path"] = str(out)
     return report
+
+
+def twins(variants: list[Variant], args: argparse.Namespace) -> list[Variant]:
+    """`NAME [compiled]` / `NAME [ckpt]` for each plain variant, measured in the same interleaved rounds."""
+    out = []
+    for v in [v for v in variants if "[" not in v.name]:
+        if args.compile:
+            out.append(Variant(f"{v.name} [compiled]", v.cfg, compile=True))
+        if args.activation_checkpointing:
+            out.append(Variant(f"{v.name} [ckpt]", v.cfg, checkpointing=True))
+    return out
+
+
+def twin_ratios(results: list[dict]) -> None:
+    """For each twin: its step time and peak memory over its plain variant's (`vs_plain_step`, `vs_plain_memory`),
+    and tokens/s ratio; measured in one run, side by side."""
+    by_name = {r["name"]: r for r in results}
+    for r in results:
+        if " [" not in r["name"] or r["name"].endswith("[sdpa]"):
+            continue
+        base = by_name.get(r["name"].split(" [")[0], {})
+        if "step_ms_median" in base and "step_ms_median" in r:
+            r["vs_plain_step"] = r["step_ms_median"] / base["step_ms_median"]
+            r["vs_plain_tokens"] = r["tokens_per_s"] / base["tokens_per_s"]
+        mem, base_mem = r.get("memory", {}).get("peak_mb"), base.get("memory", {}).get("peak_mb")
+        if mem and base_mem and r["name"].endswith("[ckpt]"):
+            r["vs_plain_memory"] = mem / base_mem
+
+
+def twin_table(report: dict) -> str | None:
+    rows = [[r["name"], fmt(r.get("step_ms_median")), fmt(r.get("vs_plain_step"), ".2f"),
+             fmt(r.get("vs_plain_tokens"), ".2f"), fmt(r.get("memory", {}).get("peak_mb"), ",.0f"),
+             fmt(r.get("vs_plain_memory"), ".2f")]
+            for r in report["variants"] if "vs_plain_step" in r or "vs_plain_memory" in r]
+    if not rows:
+        return None
+    return ("compiled / checkpointed twins vs the plain (eager) variant, same run:\n"
+            + format_table(["variant", "step ms", "step x plain", "tokens/s x plain", "peak MB", "memory x plain"],
+                           rows))
 
 
 def tables(report: dict) -> str:
@@ -191,6 +238,9 @@ def tables(report: dict) -> str:
              f"step ms: median of {s['steps']} {'interleaved' if s['interleaved'] else 'sequential'} steps "
              f"(phases: medians); x GPT / x nGPT: step time ratio; renorm %: median normalize_weights_ time over "
              f"median step time; TFLOP/s: model FLOPs (letngpt.flops, all maps) per second; peak MB: {s['memory']}."]
+    twin = twin_table(report)
+    if twin:
+        parts.append(twin)
     att = report["attention"]
     if att:
         arows = [[a["maps"], a["n_head"], fmt(a["fused_ms"], ".2f"), fmt(a["loop_ms"], ".2f"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -96,16 +98,43 @@ def lr_at(step: int, train: TrainConfig) -> float:
     return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (train.learning_rate - train.min_lr)
 
 
+def check_compile(train: TrainConfig, device: torch.device) -> None:
+    """--compile=true where it cannot work stops here in one line, not deep inside the first forward.
+
+    ZeRO 0-3, tensor parallelism and activation checkpointing all compile (tests/test_speed.py); what
+    remains is inductor's CPU backend, which writes and builds C++ and so needs a C++ compiler."""
+    if not train.compile or device.type != "cpu":
+        return
+    compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    if not any(shutil.which(c) for c in compilers):
+        raise ConfigError(f"--compile=true on CPU needs a C++ compiler for inductor ({' or '.join(compilers)} "
+                          "not found); install one or use --compile=false")
+
+
+def compile_engine(engine, train: TrainConfig) -> None:
+    """--compile=true: the module inside the DeepSpeed engine gets its blocks compiled (letngpt.compile:
+    regional compilation, one graph for all blocks), so DeepSpeed's forward / backward / step wrappers,
+    ZeRO's hooks and the renormalisation stay eager around it. Works at ZeRO 0-3 and with megatron's TP
+    layers, whose autograd Functions dynamo traces with their collectives (tests/test_speed.py)."""
+    if train.compile:
+        from .compile import compile_blocks
+
+        compile_blocks(engine.module)
+
+
 def build_engine(model: nn.Module, train: TrainConfig, dp_size: int, dtype: torch.dtype, mpu=None,
                  load_universal: bool = False):
     import deepspeed
 
+    check_compile(train, next(model.parameters()).device)
+    model.checkpoint_blocks = train.activation_checkpointing  # the model's only knob for it
     ds_config = build_ds_config(train, dp_size, dtype, load_universal)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate,
                                   betas=(train.beta1, train.beta2), eps=1e-8, **fused)
     validate_ds_config(ds_config, train.ds_config or f"zero{train.zero_stage}.json", mpu)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    compile_engine(engine, train)
     return engine, ds_config, optimizer
 
 

@@ -22,8 +22,15 @@ def flash_attn_func():
     return fn
 
 
+@torch.compiler.assume_constant_result
+def flash_available() -> bool:
+    """Whether flash-attn imports, decided outside torch.compile's trace: an import failing inside
+    a traced function is a graph break, which would split the compiled model at every attention."""
+    return flash_attn_func() is not None
+
+
 def flash_usable(q: torch.Tensor) -> bool:
-    return flash_attn_func() is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    return flash_available() and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, backend: str = "auto") -> torch.Tensor:

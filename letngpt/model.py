@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .kernels import attend
@@ -232,6 +233,10 @@ class LETnGPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        # Activation checkpointing (a training choice, set by letngpt.engine): keep only each block's
+        # input and recompute the block in backward. The model has no dropout or other randomness,
+        # so the recomputation is bit-identical with no RNG state to carry (with or without TP).
+        self.checkpoint_blocks = False
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied, as in nGPT
@@ -283,7 +288,10 @@ class LETnGPT(nn.Module):
         cos, sin = rope_tables(T, self.config.head_dim, self.config.rope_base, idx.device)
         h = self.wte(idx)
         for block in self.blocks:
-            h = block(h, cos, sin)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                h = checkpoint(block, h, cos, sin, use_reentrant=False)
+            else:
+                h = block(h, cos, sin)
         if not self.config.use_ngpt:
             h = self.final_norm(h)
         logits = self.lm_head(h)

@@ -162,15 +162,18 @@ def test_kernel_agreement_logic_with_a_stand_in_flash():
 def test_gpu_check_dry_run_in_process(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert gpu_check.main(["all", "--dry-run", "--out", str(tmp_path), "--steps", "2", "--warmup", "1",
-                           "--budget", "120"]) == 0
+                           "--budget", "120", "--modes", "ckpt"]) == 0  # compiling is tested in test_speed.py
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["presets"]) == set(gpu_check.PRESETS)
+    assert set(summary["presets"]) == {*gpu_check.PRESETS, "LETNGPT_4kctx_10k_lr30e-4+ckpt"}
+    (twin,) = summary["twins"]
+    assert twin["twin"] == "LETNGPT_4kctx_10k_lr30e-4+ckpt" and positive(twin["step_ratio"])
+    assert summary["presets"]["LETNGPT_4kctx_10k_lr30e-4+ckpt"]["mode"] == "ckpt"
     for name, r in summary["presets"].items():
         assert r["status"] == "ok", (name, r)
         assert positive(r["tokens_per_s"]) and positive(r["step_ms_median"]) and r["steps_timed"] == 2
         assert r["peak_mb"] is not None
-        assert json.loads((tmp_path / f"preset_{name}.json").read_text())["preset"] == name
+        assert json.loads((tmp_path / f"preset_{name}.json").read_text())["preset"] == name.split("+")[0]
     assert summary["presets"]["LETNGPT_4kctx_10k_lr30e-4"]["batch_size"] == 2
     assert summary["presets"]["GPT_1kctx_10k_lr30e-4"]["batch_size"] == 8
     assert summary["presets"]["nGPT_1kctx_10k_lr30e-4"]["renorm_share"] > 0
@@ -186,17 +189,19 @@ def test_gpu_check_script_dry_run(tmp_path):
     """The shell driver end to end (its stages, time caps, stages.jsonl) on tiny CPU models."""
     presets = ["nGPT_1kctx_10k_lr30e-4", "LETNGPT_4kctx_10k_lr30e-4"]  # two of four: a process each costs seconds
     env = dict(os.environ, GPU_CHECK_DRY_RUN="1", GPU_CHECK_STEPS="1", GPU_CHECK_WARMUP="0",
-               GPU_CHECK_PRESETS=",".join(presets), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+               GPU_CHECK_PRESETS=",".join(presets), PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               GPU_CHECK_MODES="ckpt")  # the compiled twin's stage costs a compilation; see test_speed.py
     env.pop("OUT", None)
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "o")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = tmp_path / "o"
     stages = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
-    assert [s["stage"] for s in stages] == ["flash"] + [f"preset:{p}" for p in presets]
+    twin = "LETNGPT_4kctx_10k_lr30e-4+ckpt"
+    assert [s["stage"] for s in stages] == ["flash"] + [f"preset:{p}" for p in (*presets, twin)]
     assert all(s["rc"] == 0 for s in stages)
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["presets"]) == presets
+    assert list(summary["presets"]) == [*presets, twin]
     assert all(r["status"] == "ok" and positive(r["tokens_per_s"]) for r in summary["presets"].values())
     assert "import letngpt pulled in: nothing heavy" in (out / "log.txt").read_text()
     assert proc.stdout.rstrip().splitlines()[-1].startswith("gpu_check: total")
@@ -237,3 +242,25 @@ def test_out_of_memory_in_one_variant_spares_the_others(tmp_path, monkeypatch):
     assert summary["presets"]["GPT_1kctx_10k_lr30e-4"]["status"] == "oom"
     assert summary["presets"]["nGPT_1kctx_10k_lr30e-4"]["status"] == "timed out"  # killed before any JSON
     assert set(summary["presets"]) == {"GPT_1kctx_10k_lr30e-4", "nGPT_1kctx_10k_lr30e-4"}
+
+
+def test_throughput_checkpointed_twins_report_ratios(tmp_path, capsys, monkeypatch):
+    """--activation_checkpointing adds a `[ckpt]` twin per variant, measured in the same rounds, whose step
+    time and peak memory are divided by its plain variant's; the probe is told to checkpoint."""
+    asked = []
+
+    def probe(cfg, *a, checkpointing=False, **k):  # stub: the plumbing and arithmetic are under test here
+        asked.append(checkpointing)
+        return {"kind": "stub", "peak_mb": 40.0 if checkpointing else 100.0}
+
+    monkeypatch.setattr(throughput, "memory_in_subprocess", probe)
+    throughput.main(MICRO + ["--maps", "3", "--activation_checkpointing", "--out", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out
+    data = {r["name"]: r for r in json.loads((tmp_path / "r.json").read_text())["variants"]}
+    assert sorted(asked) == [False] * 3 + [True] * 3
+    for name in ("GPT", "nGPT", "LET-nGPT M=3"):
+        twin = data[f"{name} [ckpt]"]
+        assert twin["vs_plain_memory"] == 0.4
+        assert twin["vs_plain_step"] == pytest.approx(twin["step_ms_median"] / data[name]["step_ms_median"])
+        assert twin["final_loss"] == pytest.approx(data[name]["final_loss"], abs=1e-6)  # same model, same steps
+    assert "compiled / checkpointed twins vs the plain (eager) variant" in printed

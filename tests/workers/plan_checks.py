@@ -1,0 +1,85 @@
+"""Under torchrun with 2 ranks: what DeepSpeed really allocates and sends, for letngpt.plan to be
+checked against. For ZeRO 1, 2, 3 (fp32, CPU, data parallel over both ranks): the bytes of this
+rank's parameters (ZeRO 3: its partition), of the optimizer's fp32 master partition and of Adam's
+moments after one step; the payload of the collectives of one step (forward + backward +
+engine.step, counted by bench.renorm.CommCounter) and of collective_renormalize_. Then, at TP=2,
+each rank's parameter count. Writes the JSON report given as argv[1] (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.renorm import CommCounter  # noqa: E402
+from letngpt.config import ModelConfig, TrainConfig  # noqa: E402
+from letngpt.distributed import init_distributed, shutdown  # noqa: E402
+from letngpt.engine import build_engine  # noqa: E402
+from letngpt.model import build_model  # noqa: E402
+from letngpt.renorm.collective import collective_renormalize_  # noqa: E402
+
+# n_embd 256: some matrices exceed ZeRO 3's persistence threshold (1e5 elements), some do not.
+CFG = dict(vocab_size=512, block_size=32, n_layer=2, n_head=4, n_embd=256, num_maps=3, use_ngpt=True)
+ACCUM = 4  # 2 micro batches per rank: per-micro-batch collectives show as such
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def master_partitions(opt) -> list[torch.Tensor]:
+    """DeepSpeed's fp32 master partitions (the ZeRO 1/2 and ZeRO 3 optimizers name them differently)."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        if hasattr(opt, attr):
+            return list(getattr(opt, attr))
+    raise AttributeError(f"no fp32 partitions on {type(opt).__name__}")
+
+
+def measure(stage: int) -> dict:
+    torch.manual_seed(0)
+    train = TrainConfig(zero_stage=stage, batch_size=2, gradient_accumulation_steps=ACCUM, learning_rate=1e-3,
+                        dtype="float32", device="cpu")
+    engine, _, _ = build_engine(build_model(ModelConfig(**CFG)), train, dist.get_world_size(), torch.float32)
+    x = torch.randint(CFG["vocab_size"], (2, CFG["block_size"] + 1), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # count the second optimizer step: ZeRO 3 settles its persistent parameters in the first
+        with CommCounter() as step_comm:
+            for _ in range(ACCUM // dist.get_world_size()):
+                _, loss = engine(x[:, :-1], x[:, 1:])
+                engine.backward(loss)
+                engine.step()
+        with CommCounter() as renorm_comm:
+            collective_renormalize_(engine)
+    params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    opt = engine.optimizer
+    moments = [v for state in opt.optimizer.state.values() for k, v in state.items() if k.startswith("exp_avg")]
+    return {"param_bytes": tensor_bytes(params), "master_bytes": tensor_bytes(master_partitions(opt)),
+            "moment_bytes": tensor_bytes(moments), "step_comm_bytes": step_comm.bytes,
+            "step_comm_calls": sorted({name for name, _ in step_comm.calls}), "renorm_bytes": renorm_comm.bytes}
+
+
+def tp_local_params() -> int:
+    from letngpt.parallel.tensor_parallel import initialize_tp, parallelize_tp
+
+    initialize_tp(2)
+    torch.manual_seed(0)
+    return sum(p.numel() for p in parallelize_tp(build_model(ModelConfig(**CFG)), 2).parameters())
+
+
+def main() -> None:
+    init_distributed("cpu")
+    torch.set_num_threads(1)
+    report = {"config": CFG, "accum": ACCUM, "batch_size": 2, "world": dist.get_world_size(),
+              "stages": {s: measure(s) for s in (1, 2, 3)},
+              "tp2_local_params": tp_local_params()}
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

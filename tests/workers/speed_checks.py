@@ -1,0 +1,142 @@
+"""Under torchrun with 2 ranks: --compile and --activation_checkpointing against the eager, stored
+run, through letngpt.engine.build_engine (the trainer's path), from identical weights and batches.
+
+1. compile: GPT, nGPT and LET-nGPT M=3 at ZeRO 0 and 1 (data parallel over the 2 ranks), 5 steps
+   each, eager then compiled: losses, and after every step the worst |norm - 1| of the nGPT
+   matrices' fp32 masters and compute weights (renormalisation still applied).
+2. activation checkpointing, LET-nGPT M=3: loss and every gradient of one forward/backward with and
+   without it, at TP=1 (the plain model) and TP=2 (megatron-core layers); then 3 engine steps with
+   and without it at ZeRO 3 (DP=2) and at TP=2 ZeRO 1.
+Writes the report to the JSON file given as argv[1] (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from letngpt.compile import blocks_compiled  # noqa: E402
+from letngpt.config import ModelConfig, TrainConfig  # noqa: E402
+from letngpt.distributed import init_distributed, shutdown  # noqa: E402
+from letngpt.engine import build_engine  # noqa: E402
+from letngpt.model import build_model  # noqa: E402
+from letngpt.renorm.collective import collective_renormalize_  # noqa: E402
+
+VARIANTS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3)}
+BATCH, CTX, VOCAB = 4, 32, 256
+
+
+def model_config(use_ngpt: bool, maps: int) -> ModelConfig:
+    return ModelConfig(vocab_size=VOCAB, block_size=CTX, n_layer=2, n_head=2, n_embd=64, num_maps=maps,
+                       use_ngpt=use_ngpt)
+
+
+def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(VOCAB, (BATCH, CTX + 1), generator=torch.Generator().manual_seed(1000 * step + rank))
+    return x[:, :-1], x[:, 1:]
+
+
+def sphere_deviation(engine) -> float:
+    """Worst |row norm - 1| over the nGPT matrices, fp32 masters and compute weights (gathered at ZeRO 3)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params, worst = dict(engine.module.named_parameters()), 0.0
+    for name, dim in engine.module.unit_norm_axes().items():
+        p = params[name]
+        master = safe_get_full_fp32_param(p)
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            compute = p.detach().clone()
+        for w in (compute, compute if master is None else master):
+            worst = max(worst, float((w.float().norm(dim=dim) - 1).abs().max()))
+    return worst
+
+
+def run_steps(cfg: ModelConfig, train: TrainConfig, steps: int, mpu=None, tp: int = 1) -> dict:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if tp > 1:
+        from letngpt.parallel.tensor_parallel import parallelize_tp
+
+        model = parallelize_tp(model, tp)
+    dp = dist.get_world_size() // tp
+    engine, _, _ = build_engine(model, train, dp, torch.float32, mpu=mpu)
+    losses, deviations = [], []
+    dp_rank = dist.get_rank() // tp
+    for step in range(steps):
+        x, y = batch(step, dp_rank)
+        _, loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        collective_renormalize_(engine)
+        losses.append(float(loss))
+        deviations.append(sphere_deviation(engine) if cfg.use_ngpt else 0.0)
+    return {"losses": losses, "sphere": deviations, "compiled": blocks_compiled(engine.module)}
+
+
+def compile_checks() -> dict:
+    """Eager then compiled, per variant and stage. ZeRO 1 reuses ZeRO 0's compiled graphs (same model
+    code; parameters are graph inputs), so the 6 compiled runs cost 3 compilations."""
+    out = {}
+    for name, (use_ngpt, maps) in VARIANTS.items():
+        for stage in (0, 1):
+            runs = {}
+            for compiled in (False, True):
+                train = TrainConfig(zero_stage=stage, batch_size=BATCH, gradient_accumulation_steps=2,
+                                    learning_rate=3e-3, dtype="float32", device="cpu", compile=compiled)
+                runs["compiled" if compiled else "eager"] = run_steps(model_config(use_ngpt, maps), train, 5)
+            out[f"{name}/zero{stage}"] = runs
+    return out
+
+
+def grads_with_and_without(model: torch.nn.Module) -> dict:
+    """Max |difference| of the loss and of every gradient, checkpointing on vs off."""
+    x, y = batch(0, 0)
+    results = []
+    for on in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.checkpoint_blocks = on
+        _, loss = model(x, y)
+        loss.backward()
+        results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss0, g0), (loss1, g1) = results
+    return {"loss": abs(loss0 - loss1), "grad": max(float((g0[n] - g1[n]).abs().max()) for n in g0),
+            "n_grads": len(g0)}
+
+
+def checkpointing_checks() -> dict:
+    from letngpt.parallel.tensor_parallel import MegatronMPU, initialize_tp, parallelize_tp
+
+    cfg = model_config(True, 3)
+    torch.manual_seed(0)
+    full = build_model(cfg)
+    out = {"tp1": grads_with_and_without(full)}
+    for on in (False, True):  # ZeRO 3 gathers the weights again when a block is recomputed
+        train = TrainConfig(zero_stage=3, batch_size=BATCH, gradient_accumulation_steps=2, learning_rate=3e-3,
+                            dtype="float32", device="cpu", activation_checkpointing=on)
+        out[f"zero3_engine_{'on' if on else 'off'}"] = run_steps(cfg, train, 3)
+    initialize_tp(2)
+    out["tp2"] = grads_with_and_without(parallelize_tp(full, 2))
+    for on in (False, True):
+        train = TrainConfig(zero_stage=1, batch_size=BATCH, gradient_accumulation_steps=1, learning_rate=3e-3,
+                            dtype="float32", device="cpu", activation_checkpointing=on)
+        out[f"tp2_engine_{'on' if on else 'off'}"] = run_steps(cfg, train, 3, mpu=MegatronMPU(), tp=2)
+    return out
+
+
+def main() -> None:
+    init_distributed("cpu")
+    torch.set_num_threads(1)
+    report = {"compile": compile_checks(), "checkpointing": checkpointing_checks()}
+    if dist.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
