@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+
+from letngpt.distributed import free_port
 
 DOCKER = ROOT / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "mlflow.Dockerfile"]
@@ -181,12 +182,6 @@ def test_compose_runs_mlflow_on_postgres(compose, tmp_path):
     assert secret["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
     lab = compose_json(tmp_path, MLFLOW_BACKEND_STORE_URI="sqlite:////mlflow/artifacts/mlflow.db")["services"]
     assert backend_uri(lab["mlflow"]) == "sqlite:////mlflow/artifacts/mlflow.db"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_status(url: str, host: str) -> int:

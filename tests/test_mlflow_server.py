@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 from conftest import ROOT, TINY, read_metrics, run_train, subprocess_env
 
 from letngpt import checkpoint
+from letngpt.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +34,6 @@ MLFLOW = Path(sys.executable).parent / "mlflow"
 START_TIMEOUT_S = 120
 TRAIN_TIMEOUT_S = 240
 DISABLED = "tracking disabled for the rest of this run"  # the tracker's one warning after a failed call
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def answers(url: str) -> bool:

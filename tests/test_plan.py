@@ -51,7 +51,7 @@ def test_memory_model_matches_what_deepspeed_allocates(measured, stage):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_communication_model_matches_counted_bytes(measured, stage):
     """ZeRO's collectives in one optimizer step (2 micro batches per rank) and the renormalisation's
-    all-reduce, against the payloads bench/renorm.py's CommCounter counted."""
+    all-reduce, against the payloads letngpt.parallel.comm_counter.CommCounter (bench/renorm.py's counter) counted."""
     run = small_run(measured)
     params = local_params(run.model, 1)
     persistent = sum(n for n in _sizes(run.model) if n <= PERSISTENCE_THRESHOLD)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY, check_ok, read_metrics, run_train
+from conftest import check_ok, read_metrics, run_train, tiny
 
 # 20 fp32 steps of Adam from identical weights and batches; the only difference is the order
 # of floating-point sums (TP's row-parallel all-reduce, DP's gradient average), about 1e-7
@@ -15,10 +15,6 @@ from conftest import TINY, check_ok, read_metrics, run_train
 # differences are ~1e-6 on losses near 5. 1e-4 leaves margin yet catches any real error
 # (a wrong shard or a missing gradient reduction moves the loss by 1e-2 or more within steps).
 LOSS_TOL = 1e-4
-
-
-def tiny(data: Path, out: Path, *extra: str) -> list[str]:
-    return [*TINY, f"--data_dir={data}", f"--out_dir={out}", *extra]
 
 
 # Replicated parameters per layer (TP keeps them whole on every rank): GPT 2 norm gains; nGPT 2 alphas;

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from letngpt import tracking
+from letngpt.distributed import free_port
 from letngpt.tracking import Tracker, flatten, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +42,6 @@ def client_for(out_dir: Path):
     from mlflow import MlflowClient
 
     return MlflowClient(f"sqlite:///{out_dir}/mlflow.db")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def warnings_of(caplog) -> list[str]:

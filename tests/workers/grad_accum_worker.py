@@ -21,12 +21,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from letngpt.config import ModelConfig, TrainConfig  # noqa: E402
-from letngpt.distributed import init_distributed, shutdown  # noqa: E402
-from letngpt.engine import build_engine, set_lr  # noqa: E402
-from letngpt.model import build_model  # noqa: E402
+from letngpt.config import ModelConfig, TrainConfig
+from letngpt.distributed import init_distributed, shutdown
+from letngpt.engine import build_engine, set_lr
+from letngpt.model import build_model
 
 MODEL = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, num_maps=3, use_ngpt=True)
 ACCUM, MICRO = 32, 2

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from letngpt.cli import parse  # noqa: E402
-from letngpt.distributed import shutdown  # noqa: E402
-from letngpt.model import LETnGPT  # noqa: E402
-from letngpt.trainer import train  # noqa: E402
+from letngpt.cli import parse
+from letngpt.distributed import shutdown
+from letngpt.model import LETnGPT
+from letngpt.trainer import train
 
 
 def masters(engine) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 checked against. For ZeRO 1, 2, 3 (fp32, CPU, data parallel over both ranks): the bytes of this
 rank's parameters (ZeRO 3: its partition), of the optimizer's fp32 master partition and of Adam's
 moments after one step; the payload of the collectives of one step (forward + backward +
-engine.step, counted by bench.renorm.CommCounter) and of collective_renormalize_. Then, at TP=2,
+engine.step, counted by letngpt.parallel.comm_counter.CommCounter) and of collective_renormalize_. Then, at TP=2,
 each rank's parameter count. Writes the JSON report given as argv[1] (rank 0)."""
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench.renorm import CommCounter  # noqa: E402
-from letngpt.config import ModelConfig, TrainConfig  # noqa: E402
-from letngpt.distributed import init_distributed, shutdown  # noqa: E402
-from letngpt.engine import build_engine  # noqa: E402
-from letngpt.model import build_model  # noqa: E402
-from letngpt.renorm.collective import collective_renormalize_  # noqa: E402
+from letngpt.config import ModelConfig, TrainConfig
+from letngpt.distributed import init_distributed, shutdown
+from letngpt.engine import build_engine
+from letngpt.model import build_model
+from letngpt.parallel.comm_counter import CommCounter
+from letngpt.renorm.collective import collective_renormalize_
 
 # n_embd 256: some matrices exceed ZeRO 3's persistence threshold (1e5 elements), some do not.
 CFG = dict(vocab_size=512, block_size=32, n_layer=2, n_head=4, n_embd=256, num_maps=3, use_ngpt=True)

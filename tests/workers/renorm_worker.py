@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench.renorm import CommCounter  # noqa: E402
-from letngpt.config import ModelConfig, TrainConfig  # noqa: E402
-from letngpt.distributed import init_distributed, shutdown  # noqa: E402
-from letngpt.engine import DS_CONFIG_DIR, build_engine, resolve_dtype  # noqa: E402
-from letngpt.model import build_model, unit  # noqa: E402
-from letngpt.renorm.collective import collective_renormalize_, full_fp32_masters  # noqa: E402
-from letngpt.renorm.naive import renormalize_engine_weights_  # noqa: E402
+from letngpt.config import ModelConfig, TrainConfig
+from letngpt.distributed import init_distributed, shutdown
+from letngpt.engine import DS_CONFIG_DIR, build_engine, resolve_dtype
+from letngpt.model import build_model, unit
+from letngpt.parallel.comm_counter import CommCounter
+from letngpt.renorm.collective import collective_renormalize_, full_fp32_masters
+from letngpt.renorm.naive import renormalize_engine_weights_
 
 # 3 layers, 131 tokens, n_embd 32: ZeRO 1/2 partitions at DP=4 cut normalised rows mid-row (and a
 # dim-0 matrix mid-memory-row), ZeRO 3 cuts wte's rows mid-row at DP=2 (131 * 32 / 2 = 65.5 rows).

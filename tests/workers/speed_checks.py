@@ -18,14 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from letngpt.compile import blocks_compiled  # noqa: E402
-from letngpt.config import ModelConfig, TrainConfig  # noqa: E402
-from letngpt.distributed import init_distributed, shutdown  # noqa: E402
-from letngpt.engine import build_engine  # noqa: E402
-from letngpt.model import build_model  # noqa: E402
-from letngpt.renorm.collective import collective_renormalize_  # noqa: E402
+from letngpt.compile import blocks_compiled
+from letngpt.config import ModelConfig, TrainConfig
+from letngpt.distributed import init_distributed, shutdown
+from letngpt.engine import build_engine
+from letngpt.model import build_model
+from letngpt.renorm.collective import collective_renormalize_
 
 VARIANTS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3)}
 BATCH, CTX, VOCAB = 4, 32, 256

@@ -13,12 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from letngpt.config import ModelConfig  # noqa: E402
-from letngpt.distributed import init_distributed, shutdown  # noqa: E402
-from letngpt.model import build_model  # noqa: E402
-from letngpt.parallel.tensor_parallel import gather_tp_param, initialize_tp, parallelize_tp  # noqa: E402
+from letngpt.config import ModelConfig
+from letngpt.distributed import init_distributed, shutdown
+from letngpt.model import build_model
+from letngpt.parallel.tensor_parallel import gather_tp_param, initialize_tp, parallelize_tp
 
 VARIANTS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3), "LETNGPT_maps5": (True, 5),
             "LETTransformer": (False, 3)}

@@ -8,12 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import letngpt.trainer as trainer  # noqa: E402
-from letngpt.cli import parse  # noqa: E402
-from letngpt.distributed import shutdown  # noqa: E402
-from letngpt.metrics import StepTimer  # noqa: E402
+import letngpt.trainer as trainer
+from letngpt.cli import parse
+from letngpt.distributed import shutdown
+from letngpt.metrics import StepTimer
 
 SCRIPTED: list[float] = []
 

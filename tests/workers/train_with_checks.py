@@ -11,11 +11,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from letngpt.cli import parse  # noqa: E402
-from letngpt.distributed import shutdown  # noqa: E402
-from letngpt.trainer import train  # noqa: E402
+from letngpt.cli import parse
+from letngpt.distributed import shutdown
+from letngpt.trainer import train
 
 
 def gathered(engine, p: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:
