@@ -48,6 +48,7 @@ import torch.nn.functional as F
 import letngpt
 from letngpt.compile import compile_blocks
 from letngpt.config import ModelConfig
+from letngpt.engine import param_groups
 from letngpt.flops import flops_per_token, peak_tflops
 from letngpt.kernels import attend, flash_attn_func
 from letngpt.model import LinearEnsembleAttention, apply_rope, rope_tables, unit
@@ -123,22 +124,26 @@ def variant_configs(size: Size, maps: Sequence[int] = (1, 3, 5), attn_backend: s
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    """The trainer's device rule (letngpt.distributed.resolve_device), as a CLI error."""
+    from letngpt.distributed import resolve_device as trainer_device
+
+    try:
+        return trainer_device(name, local_rank=0)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPE_NAMES:
+    """The trainer's dtype rule (letngpt.engine.resolve_dtype), with the short names bf16/fp32."""
+    from letngpt.config import TrainConfig
+    from letngpt.engine import resolve_dtype as trainer_dtype
+
+    if name != "auto" and name not in DTYPE_NAMES:
         raise SystemExit(f"--dtype {name!r}: one of auto, {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[name]
+    return trainer_dtype(TrainConfig(dtype=DTYPE_NAMES.get(name, "auto")), device)
 
 
 def default_threads_affinity() -> int:
@@ -240,13 +245,6 @@ def environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict:
 # one training step, timed by phase
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """As the trainer: decay matrices only."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class StepRunner:
     """A model, its AdamW and one fixed random batch; `step()` runs and times one training step."""
 
@@ -267,7 +265,7 @@ class StepRunner:
         fused = {"fused": True} if device.type == "cuda" else {}
         self.optimizer_impl = "fused" if fused else "default (foreach)"
         weight_decay = 0.0 if cfg.use_ngpt else 0.1  # the presets' recipes
-        self.opt = torch.optim.AdamW(_param_groups(self.model, weight_decay), lr=lr, betas=(0.9, 0.95), **fused)
+        self.opt = torch.optim.AdamW(param_groups(self.model, weight_decay), lr=lr, betas=(0.9, 0.95), **fused)
         gen = torch.Generator().manual_seed(seed)
         data = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=gen).to(device)
         self.x, self.y = data[:, :-1].contiguous(), data[:, 1:].contiguous()

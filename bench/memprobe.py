@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from bench.common import DTYPE_NAMES, probe_memory, setup_threads
+from bench.common import probe_memory, resolve_dtype, setup_threads
 from letngpt.config import ModelConfig
 
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     req = json.loads(argv[0])
     device = torch.device(req["device"])
     setup_threads(req.get("threads") or 0, device)
-    result = probe_memory(ModelConfig(**req["config"]), req["batch_size"], device, DTYPE_NAMES[req["dtype"]],
+    result = probe_memory(ModelConfig(**req["config"]), req["batch_size"], device, resolve_dtype(req["dtype"], device),
                           steps=req.get("steps", 2), checkpointing=req.get("checkpointing", False))
     print(json.dumps(result))
 
