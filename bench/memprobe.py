@@ -1,6 +1,6 @@
 """Peak memory of ONE variant in a fresh process: `python -m bench.memprobe '<json request>'`.
 
-Called by bench.common.memory_in_subprocess; prints one JSON line (bench.common.probe_memory).
+Called by bench.memory.memory_in_subprocess; prints one JSON line (bench.memory.probe_memory).
 The request: {"config": ModelConfig fields, "batch_size", "device", "dtype", "steps", "threads",
 "checkpointing"}.
 """
@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from bench.common import probe_memory, resolve_dtype, setup_threads
+from bench.env import resolve_dtype, setup_threads
+from bench.memory import probe_memory
 from letngpt.config import ModelConfig
 
 

@@ -1,8 +1,8 @@
 """Collective vs naive renormalisation under DeepSpeed ZeRO: time as a share of a training step,
 and bytes communicated, from ONE run on CPU ranks (gloo).
 
-    torchrun --standalone --nproc_per_node 2 bench/renorm.py            # ZeRO 1, 2, 3; ~1 min on 2 cores
-    torchrun --standalone --nproc_per_node 2 bench/renorm.py --stages 3 --n_layer 8 --out out/bench/renorm.json
+    torchrun --standalone --nproc_per_node 2 -m bench.renorm            # ZeRO 1, 2, 3; ~1 min on 2 cores
+    torchrun --standalone --nproc_per_node 2 -m bench.renorm --stages 3 --n_layer 8 --out out/bench/renorm.json
 
 Each timed step is: forward + backward + engine.step() (the "step"), then the collective method
 (letngpt.renorm.collective.collective_renormalize_), then the naive one (letngpt.renorm: gather every
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -112,7 +111,6 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    sys.path.insert(0, str(ROOT))
     from letngpt.distributed import init_distributed
 
     args = parse_args(argv)

@@ -1,9 +1,9 @@
 """Training throughput of GPT, nGPT and LET-nGPT (M = 1, 3, 5) side by side, with ratios to GPT.
 
-    python bench/throughput.py                       # CPU: tiny size, about a minute on 2 cores
-    python bench/throughput.py --size 1k             # GPU: the 24-layer 1k presets, micro batch 8, bf16
-    python bench/throughput.py --size small --steps 20 --out out/bench/small.json
-    python bench/throughput.py --n_layer 2 --n_embd 64 --n_head 4 --block_size 64 --vocab_size 256 --batch_size 4
+    python -m bench.throughput                       # CPU: tiny size, about a minute on 2 cores
+    python -m bench.throughput --size 1k             # GPU: the 24-layer 1k presets, micro batch 8, bf16
+    python -m bench.throughput --size small --steps 20 --out out/bench/small.json
+    python -m bench.throughput --n_layer 2 --n_embd 64 --n_head 4 --block_size 64 --vocab_size 256 --batch_size 4
 
 Measures, in one run: the time of a training step (forward + backward + AdamW + zero_grad +
 normalize_weights_ for nGPT variants) with its phases, tokens/s, the ratios to GPT and to nGPT,
@@ -11,7 +11,7 @@ model TFLOP/s (letngpt.flops.flops_per_token, which counts every map) and MFU on
 renormalisation's share of the step (also timed alone), peak memory per variant (one fresh
 process each), fused one-call multi-map attention vs a per-map loop (attention module,
 forward + backward), and flash-attn vs SDPA where both exist. Writes a JSON file and prints
-tables. Variants are interleaved step by step (see bench.common.measure_variants).
+tables. Variants are interleaved step by step (see bench.steps.measure_variants).
 
 Sizes: `tiny` (the tiny_* presets: 4 x 128, 4 heads for every variant, context 128, batch 8) and
 `small` (6 x 256, 8 heads / 4 for LET-nGPT, context 256) use small vocabularies (256 / 512) so
@@ -31,37 +31,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `bench` and `letngpt` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench.common import (  # noqa: E402
-    FLASH_ABSENT,
-    SIZE_NAMES,
-    Variant,
-    add_ratios,
-    bench_attention,
-    busy_warning,
-    environment,
-    flash_vs_sdpa,
-    fmt,
-    format_table,
-    get_size,
-    measure_variants,
-    memory_in_subprocess,
-    peak_for,
-    resolve_device,
-    resolve_dtype,
-    setup_threads,
-    variant_configs,
-    write_json,
-)
-from letngpt.kernels import flash_attn_func  # noqa: E402
+from bench.attention import FLASH_ABSENT, bench_attention, flash_vs_sdpa
+from bench.env import busy_warning, environment, resolve_device, resolve_dtype, setup_threads
+from bench.memory import memory_in_subprocess
+from bench.output import fmt, format_table, write_json
+from bench.sizes import SIZE_NAMES, Variant, get_size, variant_configs
+from bench.steps import add_ratios, measure_variants, peak_for
+from letngpt.kernels import flash_attn_func
 
 SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "let_n_head", "block_size", "vocab_size", "batch_size")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import common, gpu_check, throughput
+from bench import attention, env, gpu_check, sizes, steps, throughput
 from letngpt.config import ModelConfig
 from letngpt.presets import get_config
 
@@ -39,7 +39,7 @@ def positive(x) -> bool:
 
 
 def _fwd_bwd_all(fused, module, cfg, dtype):
-    x, cos, sin, grad = common.attention_inputs(cfg, 3, CPU, dtype, seed=2)
+    x, cos, sin, grad = attention.attention_inputs(cfg, 3, CPU, dtype, seed=2)
     fused.zero_grad(set_to_none=True)
     y = module(x, cos, sin)
     y.backward(grad)
@@ -53,15 +53,15 @@ def test_loop_attention_equals_fused(use_ngpt, maps):
     input gradients in fp32 to 1e-5; every parameter gradient in fp64 to 1e-10."""
     cfg = ModelConfig(vocab_size=64, block_size=24, n_layer=1, n_head=4, n_embd=64, num_maps=maps,
                       use_ngpt=use_ngpt, attn_backend="sdpa")
-    fused = common.build_attention(cfg, CPU, torch.float32, seed=1, random_mix=True)
-    loop = common.LoopEnsembleAttention(fused)
+    fused = attention.build_attention(cfg, CPU, torch.float32, seed=1, random_mix=True)
+    loop = attention.LoopEnsembleAttention(fused)
     y_f, gx_f, _ = _fwd_bwd_all(fused, fused, cfg, torch.float32)
     y_l, gx_l, _ = _fwd_bwd_all(fused, loop, cfg, torch.float32)
     torch.testing.assert_close(y_l, y_f, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx_l, gx_f, atol=1e-5, rtol=1e-5)
 
     fused64 = fused.double()
-    loop64 = common.LoopEnsembleAttention(fused64)
+    loop64 = attention.LoopEnsembleAttention(fused64)
     _, _, gp_f = _fwd_bwd_all(fused64, fused64, cfg, torch.float64)
     _, _, gp_l = _fwd_bwd_all(fused64, loop64, cfg, torch.float64)
     assert gp_l.keys() == gp_f.keys()
@@ -72,25 +72,25 @@ def test_loop_attention_equals_fused(use_ngpt, maps):
 
 
 def test_sizes_follow_the_presets():
-    v = {x.name: x.cfg for x in common.variant_configs(common.get_size("1k"))}
+    v = {x.name: x.cfg for x in sizes.variant_configs(sizes.get_size("1k"))}
     assert v["GPT"] == get_config("GPT_1kctx_10k_lr30e-4").model
     assert v["nGPT"] == get_config("nGPT_1kctx_10k_lr30e-4").model
     assert v["LET-nGPT M=3"] == get_config("LETNGPT_1kctx_10k_lr30e-4").model
     assert v["LET-nGPT M=5"] == get_config("LETNGPT_1kctx_10k_lr30e-4_maps5").model
     assert v["LET-nGPT M=1"].n_head == 8 and v["LET-nGPT M=1"].n_embd == 1024
-    v4 = {x.name: x.cfg for x in common.variant_configs(common.get_size("4k"))}
+    v4 = {x.name: x.cfg for x in sizes.variant_configs(sizes.get_size("4k"))}
     assert v4["LET-nGPT M=3"] == get_config("LETNGPT_4kctx_10k_lr30e-4").model
-    assert common.get_size("4k").batch_size == 2 and common.get_size("1k").batch_size == 8
-    tiny = {x.name: x.cfg for x in common.variant_configs(common.get_size("tiny"))}
+    assert sizes.get_size("4k").batch_size == 2 and sizes.get_size("1k").batch_size == 8
+    tiny = {x.name: x.cfg for x in sizes.variant_configs(sizes.get_size("tiny"))}
     preset = get_config("tiny_LETNGPT").model
     assert (tiny["LET-nGPT M=3"].n_head, tiny["LET-nGPT M=3"].n_embd) == (preset.n_head, preset.n_embd)
     assert tiny["GPT"].vocab_size == 256  # CPU sizes keep the lm_head small
 
 
 def test_busy_machine_warning():
-    assert common.busy_warning({"device": "cpu", "loadavg_1m": 5.0, "cpus": 2}).startswith("WARNING")
-    assert common.busy_warning({"device": "cpu", "loadavg_1m": 0.2, "cpus": 2}) is None
-    assert common.busy_warning({"device": "cuda", "loadavg_1m": 50.0, "cpus": 2}) is None
+    assert env.busy_warning({"device": "cpu", "loadavg_1m": 5.0, "cpus": 2}).startswith("WARNING")
+    assert env.busy_warning({"device": "cpu", "loadavg_1m": 0.2, "cpus": 2}) is None
+    assert env.busy_warning({"device": "cuda", "loadavg_1m": 50.0, "cpus": 2}) is None
 
 
 def test_throughput_micro_writes_json_and_table(tmp_path, capsys, monkeypatch):
@@ -142,9 +142,9 @@ def test_throughput_micro_writes_json_and_table(tmp_path, capsys, monkeypatch):
 def test_kernel_agreement_logic_with_a_stand_in_flash():
     """The flash-vs-SDPA comparison, exercised on CPU with SDPA standing in for flash-attn."""
     def fake_flash(q, k, v, softmax_scale, causal):
-        return common.attend(q, k, v, scale=softmax_scale, backend="sdpa")
+        return attention.attend(q, k, v, scale=softmax_scale, backend="sdpa")
 
-    res = common.kernel_agreement(fake_flash, 2, 32, 4, 16, CPU)
+    res = attention.kernel_agreement(fake_flash, 2, 32, 4, 16, CPU)
     assert res["agree"] and set(res["tensors"]) == {"out", "dq", "dk", "dv"}
     assert all(t["flash_vs_sdpa"] == 0.0 for t in res["tensors"].values())
 
@@ -153,9 +153,9 @@ def test_kernel_agreement_logic_with_a_stand_in_flash():
                                                              v.transpose(1, 2), scale=softmax_scale)
         return o.transpose(1, 2)
 
-    assert not common.kernel_agreement(wrong_flash, 2, 32, 4, 16, CPU)["agree"]
-    if common.flash_attn_func() is None:
-        note = common.flash_vs_sdpa([], 1, CPU)["note"]
+    assert not attention.kernel_agreement(wrong_flash, 2, 32, 4, 16, CPU)["agree"]
+    if attention.flash_attn_func() is None:
+        note = attention.flash_vs_sdpa([], 1, CPU)["note"]
         assert note == "flash-attn: not available"
 
 
@@ -210,20 +210,20 @@ def test_gpu_check_script_dry_run(tmp_path):
 def test_out_of_memory_in_one_variant_spares_the_others(tmp_path, monkeypatch):
     """An OOM in one variant's step (measure_variants) or in one preset (gpu_check) is recorded
     as that variant's error; the rest are measured and the JSON is still written."""
-    size = common.Size(n_layer=1, n_embd=32, n_head=2, let_n_head=2, block_size=16, vocab_size=64, batch_size=2)
-    variants = common.variant_configs(size, maps=(3,))
-    real_step = common.StepRunner.step
+    size = sizes.Size(n_layer=1, n_embd=32, n_head=2, let_n_head=2, block_size=16, vocab_size=64, batch_size=2)
+    variants = sizes.variant_configs(size, maps=(3,))
+    real_step = steps.StepRunner.step
 
     def flaky_step(self):
         if self.cfg.num_maps == 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
         return real_step(self)
 
-    monkeypatch.setattr(common.StepRunner, "step", flaky_step)
-    res = common.measure_variants(variants, 2, CPU, torch.float32, steps=2, warmup=1, log=lambda s: None)
+    monkeypatch.setattr(steps.StepRunner, "step", flaky_step)
+    res = steps.measure_variants(variants, 2, CPU, torch.float32, steps=2, warmup=1, log=lambda s: None)
     assert [("error" in r) for r in res] == [False, False, True]
     assert all(positive(r["step_ms_median"]) for r in res[:2]) and "step_ms_median" not in res[2]
-    common.add_ratios(res)
+    steps.add_ratios(res)
     assert res[2]["step_vs_GPT"] is None and res[1]["step_vs_GPT"] > 0
     assert "LET-nGPT M=3" in throughput.tables({"variants": res, "settings": {"steps": 2, "interleaved": True,
                                                                               "memory": "-"},

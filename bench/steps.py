@@ -1,0 +1,208 @@
+"""One training step timed by phase (forward+backward, optimizer, renormalisation), and
+variants measured side by side in interleaved rounds."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+import letngpt
+from bench.env import free_memory, is_oom, sync
+from bench.sizes import Variant
+from letngpt.compile import compile_blocks
+from letngpt.config import ModelConfig
+from letngpt.engine import param_groups
+from letngpt.flops import flops_per_token, peak_tflops
+
+
+class StepRunner:
+    """A model, its AdamW and one fixed random batch; `step()` runs and times one training step."""
+
+    def __init__(self, name: str, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 *, seed: int = 0, lr: float = 1e-4, grad_clip: float = 0.0, compile: bool = False,
+                 checkpointing: bool = False) -> None:
+        self.name, self.cfg, self.device, self.dtype = name, cfg, device, dtype
+        self.batch_size, self.grad_clip = batch_size, grad_clip
+        torch.manual_seed(seed)
+        with torch.device(device):  # initialise on the device: a 24-layer model inits in ms there
+            model = letngpt.build_model(cfg)
+        self.model = model.to(device=device, dtype=dtype).train()
+        if cfg.use_ngpt and dtype != torch.float32:
+            letngpt.normalize_weights_(self.model)  # back onto the sphere after the cast
+        self.model.checkpoint_blocks = checkpointing
+        if compile:  # what --compile does in the trainer (letngpt.engine.compile_engine)
+            compile_blocks(self.model)
+        fused = {"fused": True} if device.type == "cuda" else {}
+        self.optimizer_impl = "fused" if fused else "default (foreach)"
+        weight_decay = 0.0 if cfg.use_ngpt else 0.1  # the presets' recipes
+        self.opt = torch.optim.AdamW(param_groups(self.model, weight_decay), lr=lr, betas=(0.9, 0.95), **fused)
+        gen = torch.Generator().manual_seed(seed)
+        data = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=gen).to(device)
+        self.x, self.y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+        self.tokens_per_step = batch_size * cfg.block_size
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self._loss: torch.Tensor | None = None
+
+    def step(self) -> dict[str, float]:
+        dev = self.device
+        sync(dev)
+        t0 = time.perf_counter()
+        _, loss = self.model(self.x, self.y)
+        loss.backward()
+        sync(dev)
+        t1 = time.perf_counter()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sync(dev)
+        t2 = time.perf_counter()
+        if self.cfg.use_ngpt:
+            letngpt.normalize_weights_(self.model)
+            sync(dev)
+            t3 = time.perf_counter()
+        else:  # GPT has no renormalisation: its share is 0, not timer noise
+            t3 = t2
+        self._loss = loss.detach()
+        return {"fwdbwd": t1 - t0, "optim": t2 - t1, "renorm": t3 - t2, "total": t3 - t0}
+
+    def last_loss(self) -> float:
+        return float("nan") if self._loss is None else float(self._loss)
+
+    def time_renorm(self, reps: int = 10) -> float | None:
+        """Seconds per normalize_weights_ call, back to back (None for GPT: nothing to do)."""
+        if not self.cfg.use_ngpt:
+            return None
+        letngpt.normalize_weights_(self.model)
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            letngpt.normalize_weights_(self.model)
+        sync(self.device)
+        return (time.perf_counter() - t0) / reps
+
+
+def peak_for(device: torch.device, override: float = 0.0) -> float | None:
+    """Dense bf16 peak TFLOP/s of the device (None on CPU unless given)."""
+    if override:
+        return override
+    return peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def summarize_steps(steps: list[dict[str, float]], cfg: ModelConfig, tokens_per_step: int,
+                    peak: float | None) -> dict:
+    """Step-time statistics (ms), tokens/s from the MEDIAN step, model FLOP/s and MFU."""
+    total = [s["total"] for s in steps]
+    med = statistics.median(total)
+    fpt = flops_per_token(cfg, cfg.block_size)
+    tps = tokens_per_step / med
+    achieved = fpt * tps / 1e12
+    return {
+        "steps_timed": len(steps),
+        "step_ms_median": med * 1e3,
+        "step_ms_mean": statistics.fmean(total) * 1e3,
+        "step_ms_min": min(total) * 1e3,
+        "step_ms_max": max(total) * 1e3,
+        "fwdbwd_ms": statistics.median(s["fwdbwd"] for s in steps) * 1e3,
+        "optim_ms": statistics.median(s["optim"] for s in steps) * 1e3,
+        "renorm_ms": statistics.median(s["renorm"] for s in steps) * 1e3,
+        # median renorm phase / median step: robust to a single descheduled step (shared CPUs);
+        # the plain fraction of all timed time is renorm_share_total
+        "renorm_share": statistics.median(s["renorm"] for s in steps) / med,
+        "renorm_share_total": sum(s["renorm"] for s in steps) / sum(total),
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": tps,
+        "tokens_per_s_mean": tokens_per_step * len(total) / sum(total),
+        "flops_per_token": fpt,
+        "achieved_tflops": achieved,
+        "peak_tflops": peak,
+        "mfu": achieved / peak if peak else None,
+    }
+
+
+def _run_round(order: list[StepRunner], runners: list[StepRunner], times: dict[str, list] | None,
+               results: dict[str, dict], device: torch.device, log: Callable[[str], None]) -> None:
+    """One step of each runner in `order`; record into `times` unless None. A runner that runs
+    out of memory is removed from `runners` and its error recorded."""
+    for r in order:
+        try:
+            t = r.step()
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            results[r.name]["error"] = f"out of memory in a training step: {str(e)[:300]}"
+            log(f"{r.name}: out of memory in a step; dropped")
+            runners.remove(r)
+            r.model = r.opt = None  # drop the tensors before the allocator is asked again
+            free_memory(device)
+            continue
+        if times is not None:
+            times[r.name].append(t)
+
+
+def measure_variants(variants: Sequence[Variant], batch_size: int, device: torch.device, dtype: torch.dtype, *,
+                     steps: int, warmup: int, interleave: bool = True, peak: float | None = None,
+                     grad_clip: float = 0.0, renorm_reps: int = 5, deadline: float | None = None,
+                     log: Callable[[str], None] = print) -> list[dict]:
+    """Time every variant's training step.
+
+    interleave=True builds all models first and then, round by round, runs one step of each
+    variant (rotating which goes first), so slow drifts of the machine (thermal, other jobs,
+    clocks) hit every variant alike. interleave=False measures one variant at a time with
+    only its own model in memory (for sizes whose models do not all fit at once).
+    A variant that runs out of memory is recorded as failed; the others carry on.
+    `deadline` (time.monotonic) stops the timed rounds early, keeping what was measured.
+    """
+    results = {v.name: {"name": v.name, "config": dataclasses.asdict(v.cfg)} for v in variants}
+    groups = [list(variants)] if interleave else [[v] for v in variants]
+    for group in groups:
+        runners: list[StepRunner] = []
+        for v in group:
+            try:
+                runners.append(StepRunner(v.name, v.cfg, batch_size, device, dtype, grad_clip=grad_clip,
+                                          compile=v.compile, checkpointing=v.checkpointing))
+            except Exception as e:  # OOM while building: record, go on without it
+                if not is_oom(e):
+                    raise
+                results[v.name]["error"] = f"out of memory building the model: {str(e)[:300]}"
+                log(f"{v.name}: out of memory while building; skipped")
+                free_memory(device)
+        times: dict[str, list[dict]] = {r.name: [] for r in runners}
+
+        for _ in range(warmup):
+            _run_round(list(runners), runners, None, results, device, log)
+        for i in range(steps):
+            if deadline is not None and time.monotonic() > deadline and i > 0:
+                log(f"time budget reached after {i} timed rounds")
+                break
+            k = i % max(1, len(runners))
+            _run_round(runners[k:] + runners[:k], runners, times, results, device, log)
+        for r in runners:
+            res = results[r.name]
+            res.update(params=r.params, batch_size=batch_size, seq_len=r.cfg.block_size,
+                       optimizer=r.optimizer_impl, final_loss=r.last_loss())
+            if times[r.name]:
+                res.update(summarize_steps(times[r.name], r.cfg, r.tokens_per_step, peak))
+                iso = r.time_renorm(renorm_reps) if renorm_reps else None
+                res["renorm_ms_isolated"] = None if iso is None else iso * 1e3
+        del runners
+        free_memory(device)
+    return [results[v.name] for v in variants]
+
+
+def add_ratios(results: list[dict], refs: Sequence[str] = ("GPT", "nGPT")) -> None:
+    """step_vs_<ref> = step time / ref's step time; tokens_vs_<ref> = tokens/s / ref's (median steps)."""
+    by_name = {r["name"]: r for r in results}
+    for ref in refs:
+        base = by_name.get(ref)
+        ok = base is not None and "step_ms_median" in base
+        for r in results:
+            if ok and "step_ms_median" in r:
+                r[f"step_vs_{ref}"] = r["step_ms_median"] / base["step_ms_median"]
+                r[f"tokens_vs_{ref}"] = r["tokens_per_s"] / base["tokens_per_s"]
+            else:
+                r[f"step_vs_{ref}"] = r[f"tokens_vs_{ref}"] = None
