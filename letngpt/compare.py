@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from .cli import parse, split_args
 from .config import ConfigError, canonical_key
+from .metrics import read_records
 from .presets import get_config
 from .report import Result, pick_baseline, training_time_at, write_report
 from .tracking import Tracker, git_commit
@@ -42,7 +42,6 @@ DEFAULT_FLAGS = ["--log_interval=1", "--keep_checkpoints=1"]
 # Set by the comparison itself so every variant gets the same budget and lands in the same place.
 CONTROLLED = {"config", "out_dir", "data_dir", "tracking_uri", "experiment", "parent_run_id", "max_iters",
               "lr_decay_iters", "eval_interval", "eval_iters", "init_from"}
-VAL_LINE = re.compile(r"step (\d+): val loss (\S+)")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -121,9 +120,9 @@ def tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def val_curve(uri: str, run_id: str | None, log_text: str) -> dict[int, float]:
-    """step -> val loss from the run's MLflow history (what users look at); the trainer's log is the fallback
-    when the store could not be read (tracking disabled mid-run, for instance)."""
+def val_curve(uri: str, run_id: str | None, metrics_file: Path) -> dict[int, float]:
+    """step -> val loss from the run's MLflow history (what users look at); the run's metrics.jsonl val
+    records are the fallback when the store could not be read (tracking disabled mid-run, for instance)."""
     points: dict[int, float] = {}
     if run_id:
         try:
@@ -132,9 +131,11 @@ def val_curve(uri: str, run_id: str | None, log_text: str) -> dict[int, float]:
             for m in sorted(MlflowClient(uri).get_metric_history(run_id, "val/loss"), key=lambda m: m.timestamp):
                 points[int(m.step)] = float(m.value)
         except Exception as exc:
-            print(f"warning: cannot read val/loss of run {run_id} from {uri} ({exc}); using the log", file=sys.stderr)
+            print(f"warning: cannot read val/loss of run {run_id} from {uri} ({exc}); using {metrics_file}",
+                  file=sys.stderr)
     if not points:
-        points = {int(s): float(v) for s, v in VAL_LINE.findall(log_text)}
+        points = {int(r["step"]): float(r["val/loss"]) for r in read_records(metrics_file, "val")
+                  if r.get("val/loss") is not None}
     return dict(sorted(points.items()))
 
 
@@ -162,9 +163,9 @@ def run_variant(preset: str, lr: float, sweep: bool, ns: argparse.Namespace, ext
         return result
     summary = json.loads(summary_file.read_text())
     result.run_id, result.wall_time_s = summary.get("tracking_run_id"), summary.get("wall_time_s")
-    curve = val_curve(uri, result.run_id, stdout)
+    curve = val_curve(uri, result.run_id, run_dir / "metrics.jsonl")
     result.steps, result.losses = [float(s) for s in curve], list(curve.values())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_records(run_dir / "metrics.jsonl", "train")
     result.times = training_time_at([(r["step"], r["step_time_s"]) for r in rows], result.steps)
     speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
     result.tokens_per_s = statistics.median(speeds) if speeds else summary.get("tokens_per_s")

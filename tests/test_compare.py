@@ -228,9 +228,8 @@ args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
 if args["config"] == "tiny_nGPT":
     sys.exit("simulated crash in " + args["config"])
 out = Path(args["out_dir"])
-for step, loss in ((0, 5.0), (2, 4.0), (4, 3.0)):
-    print(f"12:00:00 step {step}: val loss {loss:.4f}")
-rows = [{"step": s, "step_time_s": 0.5, "tokens_per_s": 100.0} for s in range(1, 5)]
+rows = [{"step": s, "kind": "val", "val/loss": loss} for s, loss in ((0, 5.0), (2, 4.0), (4, 3.0))]
+rows += [{"step": s, "kind": "train", "step_time_s": 0.5, "tokens_per_s": 100.0} for s in range(1, 5)]
 (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
 (out / "summary.json").write_text(json.dumps({"tracking_run_id": None, "wall_time_s": 3.0, "tokens_per_s": 1.0}))
 """
