@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -56,7 +55,7 @@ def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype, load_u
     cfg["bf16"] = {"enabled": dtype == torch.bfloat16}
     cfg["fp16"] = {"enabled": dtype == torch.float16, "initial_scale_power": 16}
     cfg.pop("optimizer", None)  # we pass our own torch AdamW (no C++ op to compile)
-    cfg.pop("scheduler", None)  # the schedule is ours: lr_at() below
+    cfg.pop("scheduler", None)  # the schedule is ours: letngpt.schedule.lr_at
     if load_universal:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
     _check_accumulation_dtype(cfg, dtype, accum)
@@ -85,17 +84,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_at(step: int, train: TrainConfig) -> float:
-    """Linear warmup, then cosine decay from learning_rate to min_lr over lr_decay_iters."""
-    if step < train.warmup_iters:
-        return train.learning_rate * (step + 1) / (train.warmup_iters + 1)
-    if step >= train.lr_decay_iters:
-        return train.min_lr
-    span = max(1, train.lr_decay_iters - train.warmup_iters)
-    ratio = (step - train.warmup_iters) / span
-    return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (train.learning_rate - train.min_lr)
 
 
 def check_compile(train: TrainConfig, device: torch.device) -> None:

@@ -29,7 +29,7 @@ from .config import ConfigError, RunConfig
 from .data.loader import TokenData, eval_batches, get_batch
 from .data.verify import check_token_ids
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, all_reduce_sum, init_distributed, on_rank0
-from .engine import build_engine, lr_at, per_rank_accumulation, resolve_dtype, set_lr
+from .engine import build_engine, per_rank_accumulation, resolve_dtype, set_lr
 from .errors import DivergedError
 from .fsutil import atomic_write_text
 from .guard import NonFiniteGuard, finite_or_none, skip_optimizer_step, weights_finite
@@ -38,6 +38,7 @@ from .model import build_model
 from .parallel.layout import ParallelLayout, build_layout
 from .renorm import PostStepHook
 from .runlock import OutDirLock
+from .schedule import lr_at
 from .tracking import Tracker, git_commit
 
 log = logging.getLogger("letngpt")
