@@ -50,7 +50,7 @@ def full_grads(engine) -> dict[str, torch.Tensor]:
 
 def micro_gradients(model: torch.nn.Module, stage: int) -> list[dict[str, torch.Tensor]]:
     """Each micro batch's gradient of loss / ACCUM, as this stage computes it in bf16."""
-    engine, _ = engine_for(model, stage, 1)
+    engine, _, _ = engine_for(model, stage, 1)
     set_lr(engine, 0.0)  # AdamW at lr 0 (weight decay included) leaves every weight as it was
     grads = []
     for x in batches():
@@ -75,7 +75,7 @@ def run_stage(stage: int) -> dict:
     abs_sum = {n: sum(g[n].abs() for g in micro) for n in micro[0]}
     in_bf16 = {n: sum((g[n].to(torch.bfloat16) for g in micro[1:]), micro[0][n].to(torch.bfloat16)).double()
                for n in micro[0]}
-    engine, ds_config = engine_for(model, stage, ACCUM)
+    engine, ds_config, _ = engine_for(model, stage, ACCUM)
     for x in batches():
         _, loss = engine(x[:, :-1], x[:, 1:])
         engine.backward(loss)
