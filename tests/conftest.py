@@ -11,6 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Tiny models run fastest on one thread, and a second process on the 2 cores (a worker rank,
+# another job) makes a multi-threaded pool spin: one test took 300 s instead of 10 s that way.
+# Subprocesses get OMP_NUM_THREADS=1 from subprocess_env below.
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
