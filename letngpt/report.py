@@ -35,6 +35,8 @@ class Result:
     wall_time_s: float | None = None
     run_id: str | None = None
     error: str | None = None
+    seed: int | None = None  # set by sweeps (letngpt.sweep), which run every lr on several seeds
+    budget: int | None = None  # the run's step budget (max_iters), set by sweeps
 
     @property
     def ok(self) -> bool:

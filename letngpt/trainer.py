@@ -54,11 +54,11 @@ def setup_logging(is_main: bool) -> None:
 
 def prepare_data(data_dir: str, info: DistInfo) -> None:
     """The default dataset is prepared on first use (rank 0; the others wait)."""
-    if info.is_main and data_dir.rstrip("/") == DEFAULT_DATA and not (Path(data_dir) / "meta.json").exists():
-        from .data.prepare import ensure_tinyshakespeare
+    if info.is_main and not (Path(data_dir) / "meta.json").exists():
+        from .data.prepare import ensure_builtin  # data/tinyshakespeare (gpt2) and data/tinyshakespeare_char
 
-        log.info("preparing Tiny Shakespeare in %s", data_dir)
-        ensure_tinyshakespeare(data_dir)
+        if ensure_builtin(data_dir):
+            log.info("prepared Tiny Shakespeare in %s", data_dir)
     if info.world_size > 1:
         dist.barrier()
 
