@@ -22,6 +22,7 @@ command line.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -195,6 +196,19 @@ def val_curve(uri: str, run_id: str | None, log_text: str) -> dict[int, float]:
     return dict(sorted(points.items()))
 
 
+# The files whose content decides what a run computes; their hash is stored with each run, and a reused run
+# trained with other code gets a warning (delete its folder to retrain it).
+NUMERICS = ["model.py", "engine.py", "renorm.py", "kernels.py", "data/loader.py", "parallel/renorm.py"]
+
+
+def code_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in NUMERICS:
+        path = ROOT / "letngpt" / name
+        digest.update(path.read_bytes() if path.exists() else b"missing")
+    return digest.hexdigest()[:12]
+
+
 def reuse(run_dir: Path, key: str, steps: int) -> bool:
     """True when run_dir holds a finished run of exactly this command (resuming an interrupted sweep)."""
     try:
@@ -213,7 +227,9 @@ def run_variant(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str
     label = f"{spec.preset} lr {spec.lr:g} seed {spec.seed} {spec.steps} steps"
     start, returncode = time.time(), 0
     if reuse(run_dir, key, spec.steps):
-        print(f"reusing {label} ({run_dir})", flush=True)
+        made_with = (run_dir / "code.txt").read_text().strip() if (run_dir / "code.txt").exists() else "unknown"
+        stale = "" if made_with == code_fingerprint() else f"; WARNING: trained with other model code ({made_with})"
+        print(f"reusing {label} ({run_dir}){stale}", flush=True)
     else:
         if run_dir.exists():  # unfinished or different: this one starts from scratch
             shutil.rmtree(run_dir)
@@ -225,6 +241,7 @@ def run_variant(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str
         with open(run_dir / "stdout.log", "w") as out_f, open(run_dir / "stderr.log", "w") as err_f:
             returncode = subprocess.run(cmd, cwd=Path.cwd(), env=env, stdout=out_f, stderr=err_f).returncode
         if returncode == 0:
+            (run_dir / "code.txt").write_text(code_fingerprint() + "\n")
             (run_dir / "spec.txt").write_text(key)  # last: only a finished run is ever reused
     result = collect(run_dir, uri, returncode, Result(preset=spec.preset, lr=spec.lr, seed=spec.seed,
                                                       budget=spec.steps))
@@ -298,10 +315,18 @@ def prepare(ns: argparse.Namespace) -> Path:
     return data_dir.resolve()
 
 
+def grid_order(spec: Spec, plan: Plan) -> tuple[int, int, int]:
+    """Middle of every preset's grid first, then outwards, presets interleaved: an interrupted sweep has
+    compared every preset at one lr before it refines any."""
+    grid = sorted(plan.grids[spec.preset])
+    return abs(grid.index(spec.lr) - (len(grid) - 1) // 2), plan.presets.index(spec.preset), grid.index(spec.lr)
+
+
 def sweep(plan: Plan, ns: argparse.Namespace, run: Callable[[Spec], Result]) -> tuple[list[Spec], list[Result], dict]:
     """The lr grid on the grid seeds; then, at each preset's best lr, the other seeds and the budget runs."""
     grid_seeds = plan.seeds[:plan.grid_seeds]
     specs = [Spec(p, lr, s, ns.max_iters) for p in plan.presets for lr in plan.grids[p] for s in grid_seeds]
+    specs.sort(key=lambda spec: grid_order(spec, plan))
     results = run_all(specs, run, ns.jobs)
     best = choose_best(group_results(results, specs), ns.max_iters, grid_seeds)
     more = [Spec(p, best[p]["lr"], s, ns.max_iters) for p in plan.presets for s in plan.seeds[plan.grid_seeds:]]
