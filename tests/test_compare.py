@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, check_ok, subprocess_env
 
 from letngpt.compare import main as compare_main
+from letngpt.config import ConfigError
 from letngpt.report import (
     NOT_REACHED,
     Result,
@@ -25,6 +26,7 @@ from letngpt.report import (
     training_time_at,
     write_report,
 )
+from letngpt.sweep import Group, budget_steps_to_target, choose_best, parse_budgets, parse_lr_grids, parse_seeds
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMOKE_FLAGS = ["--vocab_size=256", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2",
@@ -181,23 +183,27 @@ def test_bad_arguments_stop_before_training(argv, message, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smoke_comparison(byte_data, tmp_path):
+    """The real trainer, 2-step budget: 4 presets on 1 seed, 2 of them also on a second seed and at a 1-step
+    budget, 2 runs at a time."""
     out = tmp_path / "compare"
-    cmd = [sys.executable, "-m", "letngpt.compare", "--data_dir", str(byte_data), "--max_iters", "6",
-           "--eval_interval", "3", "--eval_iters", "1", "--out", str(out), "--", *SMOKE_FLAGS]
+    cmd = [sys.executable, "-m", "letngpt.compare", "--data_dir", str(byte_data), "--max_iters", "2",
+           "--eval_interval", "1", "--eval_iters", "1", "--out", str(out), "--jobs", "2", "--threads", "1", "--",
+           *SMOKE_FLAGS]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     check_ok(proc)
     assert proc.stdout.rstrip().splitlines()[-1].startswith("| tiny_LETTransformer |")  # the table comes last
 
-    assert matplotlib_png_ok(out / "val_loss.png")
+    assert matplotlib_png_ok(out / "val_loss.png") and matplotlib_png_ok(out / "val_loss_flops.png")
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["preset"] for r in rows] == PRESETS
-    assert rows[0]["steps_to_target"] == "6.0" and rows[0]["step_ratio_vs_baseline"] == "1.0"
-    assert all(math.isfinite(float(r["final_val_loss"])) and float(r["tokens_per_s"]) > 0 for r in rows)
+    assert float(rows[0]["steps_to_target_curve"]) == 2.0 and float(rows[0]["step_ratio_vs_baseline"]) == 1.0
+    assert all(math.isfinite(float(r["final_val_mean"])) and float(r["tokens_per_s"]) > 0 for r in rows)
+    assert all(int(r["non_embedding_params"]) > 0 and float(r["total_flops"]) > 0 for r in rows)
 
     details = json.loads((out / "results.json").read_text())
     for run in details["runs"]:
-        assert run["steps"] == [0.0, 3.0, 6.0] and run["error"] is None  # the val curve, read from MLflow
+        assert run["steps"] == [0.0, 1.0, 2.0] and run["error"] is None  # the val curve, read from MLflow
 
     from mlflow import MlflowClient
 
@@ -236,27 +242,33 @@ rows = [{"step": s, "step_time_s": 0.5, "tokens_per_s": 100.0} for s in range(1,
 """
 
 
-def test_a_failing_variant_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+def fake_compare(tmp_path: Path, monkeypatch, trainer: str) -> tuple[Path, Path]:
+    """compare with `trainer` standing in for train.py; returns (data dir, report dir)."""
     from letngpt import compare
 
     fake = tmp_path / "fake_train.py"
-    fake.write_text(FAKE_TRAINER)
+    fake.write_text(trainer)
     monkeypatch.setattr(compare, "TRAIN_PY", fake)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    data, out = tmp_path / "data", tmp_path / "compare"
+    data = tmp_path / "data"
     data.mkdir()
     (data / "meta.json").write_text("{}")
-    code = compare.main(["--data_dir", str(data), "--presets", "tiny_nGPT,tiny_GPT,tiny_LETNGPT", "--max_iters", "4",
+    return data, tmp_path / "compare"
+
+
+def test_a_failing_variant_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    data, out = fake_compare(tmp_path, monkeypatch, FAKE_TRAINER)
+    code = compare_main(["--data_dir", str(data), "--presets", "tiny_nGPT,tiny_GPT,tiny_LETNGPT", "--max_iters", "4",
                          "--eval_interval", "2", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 1
     assert "simulated crash in tiny_nGPT" in captured.err and "1 run(s) failed" in captured.out
     md = (out / "results.md").read_text()
-    assert "tiny_nGPT lr 0.003 failed" in md and "simulated crash" in md
+    assert "tiny_nGPT lr 0.003 seed 1337 (4 steps) failed" in md and "simulated crash" in md
     with open(out / "results.csv", newline="") as f:
         rows = {r["preset"]: r for r in csv.DictReader(f)}
-    assert rows["tiny_nGPT"]["final_val_loss"] == "failed"
-    assert float(rows["tiny_GPT"]["final_val_loss"]) == 3.0 and rows["tiny_GPT"]["steps_to_target"] == "4.0"
+    assert rows["tiny_nGPT"]["final_val_mean"] == ""
+    assert float(rows["tiny_GPT"]["final_val_mean"]) == 3.0 and float(rows["tiny_GPT"]["steps_to_target_curve"]) == 4
     assert float(rows["tiny_LETNGPT"]["time_to_target_s"]) == 2.0  # 4 steps of 0.5 s
     assert captured.out.rstrip().splitlines()[-1].startswith("| tiny_LETNGPT |")
 
@@ -264,3 +276,167 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(tmp_path, monkey
 
     parent_id = json.loads((out / "results.json").read_text())["parent_run_id"]
     assert MlflowClient(f"sqlite:///{out}/mlflow.db").get_run(parent_id).info.status == "FAILED"
+
+
+# Final val loss is a function of (preset, lr, seed, budget): best lr 3e-3 for GPT, 1e-2 for nGPT; loss falls
+# 0.5 per doubling of the budget; nGPT is 0.25 better than GPT at the same budget. Every call is recorded.
+SWEEP_TRAINER = r"""
+import json, math, sys
+from pathlib import Path
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+out, steps, lr, seed = Path(args["out_dir"]), int(args["max_iters"]), float(args["learning_rate"]), int(args["seed"])
+best = 3e-3 if args["config"] == "char_GPT" else 1e-2
+final = 5.0 - 0.5 * math.log2(steps / 8) + abs(math.log10(lr / best)) + 0.01 * (seed - 1337)
+final -= 0.25 * (args["config"] == "char_nGPT")
+assert args["min_lr"] == repr(lr / 10), args  # the swept lr keeps the preset's min_lr / lr ratio
+with open(out.parent.parent / "calls.txt", "a") as f:
+    f.write(out.name + "\n")
+print(f"step 0: val loss 9.0\nstep {steps}: val loss {final:.4f}")
+(out / "metrics.jsonl").write_text(json.dumps({"step": steps, "step_time_s": 0.5, "tokens_per_s": 10.0}) + "\n")
+(out / "summary.json").write_text(json.dumps({"final_step": steps, "wall_time_s": 1.0, "tracking_run_id": None}))
+"""
+
+
+def test_sweep_grid_on_one_seed_then_best_lr_on_all_seeds_and_budgets(tmp_path, monkeypatch, capsys):
+    data, out = fake_compare(tmp_path, monkeypatch, SWEEP_TRAINER)
+    argv = ["--data_dir", str(data), "--presets", "char_GPT,char_nGPT", "--max_iters", "32", "--out", str(out),
+            "--lrs", "char_GPT=1e-3,3e-3", "--lrs", "3e-3,1e-2,3e-2", "--seeds", "3", "--grid_seeds", "1",
+            "--budgets", "8,16", "--jobs", "2"]
+    assert compare_main(argv) == 0, capsys.readouterr().err
+    calls = (out / "calls.txt").read_text().split()
+    grid = [c for c in calls if c.endswith("seed1337_it32")]
+    # The grid: 5 runs on seed 1337, middle of each grid first; then 2 more seeds x 2 presets at the best lr,
+    # and 2 budgets x 3 seeds x 2 presets.
+    assert set(grid[:2]) == {"char_GPT_lr0.001_seed1337_it32", "char_nGPT_lr0.01_seed1337_it32"}  # 2 jobs: any order
+    assert len(calls) == 5 + 4 + 12 == len(set(calls))
+    assert "char_GPT_lr0.003_seed1339_it8" in calls and "char_GPT_lr0.001_seed1338_it32" not in calls
+    with open(out / "results.csv", newline="") as f:
+        rows = {r["preset"]: r for r in csv.DictReader(f)}
+    gpt, ngpt = rows["char_GPT"], rows["char_nGPT"]
+    assert float(gpt["lr"]) == 3e-3 and gpt["lr_note"] == "highest in grid" and ngpt["lr_note"] == ""
+    assert gpt["seeds"] == "3" and float(gpt["final_val_mean"]) == pytest.approx(4.0 + 0.01)
+    assert float(gpt["final_val_std"]) == pytest.approx(0.01)
+    # nGPT reaches GPT's final loss (4.01 at 32 steps) 0.25 / 0.5 of a doubling earlier: 32 / 2**0.5 steps.
+    assert float(ngpt["steps_to_target_budgets"]) == pytest.approx(32 / 2 ** 0.5, abs=0.5)
+    assert float(ngpt["step_ratio_vs_baseline"]) == pytest.approx(2 ** 0.5, rel=1e-3)
+    assert float(gpt["total_flops"]) == pytest.approx(float(gpt["flops_per_token"]) * 32 * 12 * 64)
+    assert (out / "val_loss_flops.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    (out / "calls.txt").unlink()  # the same command again: every run is reused, nothing trains
+    assert compare_main(argv) == 0
+    assert not (out / "calls.txt").exists()
+    assert "reusing char_nGPT lr 0.01 seed 1339 8 steps" in capsys.readouterr().out
+
+
+# --- sweeps: seeds, per-preset grids, budgets, parameter matching (letngpt.sweep) ------------------------------
+
+
+def seeded(preset: str, lr: float, seed: int, losses: list[float], steps: int = 30) -> Result:
+    r = curve(preset, lr, losses, interval=steps // (len(losses) - 1))
+    r.seed, r.budget = seed, steps
+    return r
+
+
+def test_seeds_aggregate_to_mean_and_sample_std():
+    g = Group("char_GPT", 1e-3, 30, [seeded("char_GPT", 1e-3, s, [6.0, 5.0, 4.0 + d]) for s, d in
+                                     ((1, 0.0), (2, 0.2), (3, 0.4))])
+    assert g.ok and g.final_mean == pytest.approx(4.2) and g.final_std == pytest.approx(0.2)  # ddof=1
+    steps, mean, std, times = g.mean_curve()
+    assert steps == [0.0, 15.0, 30.0] and mean == pytest.approx([6.0, 5.0, 4.2]) and std[0] == 0.0
+    assert times == pytest.approx([0.0, 7.5, 15.0])
+    one = Group("char_GPT", 1e-3, 30, g.runs[:1])
+    assert one.final_std == 0.0
+    broken = Group("char_GPT", 1e-3, 30, [*g.runs, Result(preset="char_GPT", lr=1e-3, seed=4, error="boom")])
+    assert not broken.ok and broken.final_mean is None  # a failed seed is not averaged away
+
+
+def test_best_lr_on_mean_over_grid_seeds_and_grid_edges():
+    groups = [Group("char_GPT", lr, 30, [seeded("char_GPT", lr, s, [6.0, final + 0.1 * s]) for s in (1, 2)])
+              for lr, final in ((1e-3, 4.5), (3e-3, 4.0), (1e-2, 4.2))]
+    groups += [Group("char_nGPT", lr, 30, [seeded("char_nGPT", lr, 1, [6.0, final])])
+               for lr, final in ((3e-3, 4.4), (1e-2, 4.1))]
+    best = choose_best(groups, 30)
+    assert best["char_GPT"] == {"lr": 3e-3, "grid": [1e-3, 3e-3, 1e-2], "edge": "", "ok": True}
+    assert best["char_nGPT"]["lr"] == 1e-2 and best["char_nGPT"]["edge"] == "highest in grid"
+    # Judged on seed 2 only, the same winner; a grid point whose run failed never wins.
+    assert choose_best(groups, 30, seeds=[2])["char_GPT"]["lr"] == 3e-3
+    groups[1].runs[0].error = "diverged"
+    assert choose_best(groups, 30)["char_GPT"]["lr"] == 1e-2
+
+
+def test_lr_grids_parse_per_preset_with_a_default():
+    presets = ["char_GPT", "char_nGPT", "tiny_LETNGPT"]
+    grids = parse_lr_grids(["char_GPT=1e-3,3e-3,1e-2", "3e-3, 1e-2,3e-2"], presets)
+    assert grids == {"char_GPT": [1e-3, 3e-3, 1e-2], "char_nGPT": [3e-3, 1e-2, 3e-2],
+                     "tiny_LETNGPT": [3e-3, 1e-2, 3e-2]}
+    assert parse_lr_grids(["char_nGPT=2e-2"], presets) == {"char_nGPT": [2e-2]}  # others: the preset's rate
+    assert parse_lr_grids([], presets) == {}
+
+
+@pytest.mark.parametrize("values, message", [
+    (["char_GPT=1e-3,fast"], "--lrs char_GPT"),
+    (["char_GPT=1e-3,-1"], "> 0"),
+    (["char_GPT=1e-3,1e-3"], "twice"),
+    (["no_such=1e-3"], "not one of --presets"),
+    (["char_GPT=1e-3", "char_GPT=3e-3"], "given twice"),
+    (["1e-3", "3e-3"], "one bare grid"),
+    (["char_GPT="], "lists nothing"),
+])
+def test_bad_lr_grids_are_one_line_errors(values, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_lr_grids(values, ["char_GPT", "char_nGPT"])
+    assert "\n" not in str(err.value)
+
+
+def test_seeds_and_budgets_parse():
+    assert parse_seeds("3") == [1337, 1338, 1339] and parse_seeds("1,2,7") == [1, 2, 7] and parse_seeds("42,") == [42]
+    assert parse_budgets("1000,250,500,2000", 2000) == [250, 500, 1000]  # the full budget is the main run
+    for text, fn in (("0", parse_seeds), ("1,1", parse_seeds), ("x", parse_seeds), ("0,100", parse_budgets),
+                     ("5000", parse_budgets), ("1.5", parse_budgets)):
+        with pytest.raises(ConfigError):
+            fn(text, 2000) if fn is parse_budgets else fn(text)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lrs", "char_GPT=1e-3,x"], "--lrs char_GPT"),
+    (["--lrs", "tiny_LETNGPT_maps5=1e-3"], "not one of --presets"),
+    (["--seeds", "0"], "--seeds"),
+    (["--seeds", "2", "--grid_seeds", "3"], "--grid_seeds"),
+    (["--budgets", "100,500", "--max_iters", "200"], "--budgets"),
+    (["--jobs", "0"], "--jobs"),
+    (["--", "--seed=3"], "seed"),
+])
+def test_bad_sweep_arguments_exit_2_with_one_line(argv, message, tmp_path, capsys):
+    assert compare_main(["--data_dir", str(tmp_path), "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert not (tmp_path / "o").exists()
+
+
+def test_budget_interpolation_on_log_steps():
+    # Final loss of separate runs falls linearly in log(steps): L = 6 - log2(steps / 100) * 0.5.
+    budgets = [100, 200, 400, 800]
+    losses = [6.0, 5.5, 5.0, 4.5]
+    steps, text = budget_steps_to_target(budgets, losses, 5.25)
+    assert steps == pytest.approx(200 * math.sqrt(2)) and text == "283"  # geometric, not arithmetic, midpoint
+    assert budget_steps_to_target(budgets, losses, 5.0)[0] == pytest.approx(400)
+    assert budget_steps_to_target(budgets, losses, 4.0) == (None, "> 800")  # not extrapolated
+    assert budget_steps_to_target(budgets, losses, 6.5) == (None, "< 100")
+    assert budget_steps_to_target([800, 100], [4.5, 6.0], 6.0)[0] == pytest.approx(100)  # order-free
+    assert budget_steps_to_target(budgets, [None, None, 5.0, 4.5], 4.75)[0] == pytest.approx(400 * math.sqrt(2))
+
+
+@pytest.mark.parametrize("ngpt, matched", [
+    ("char_nGPT", "tiny_LETNGPT_matched"), ("char_nGPT", "char_LETNGPT_matched"),
+    ("char_gpu_nGPT", "char_gpu_LETNGPT_matched"), ("nGPT_1kctx_10k_lr30e-4", "LETNGPT_1kctx_10k_lr30e-4_matched"),
+])
+def test_matched_presets_have_ngpt_non_embedding_size(ngpt, matched):
+    from letngpt.presets import get_config
+    from letngpt.sweep import model_costs
+
+    base, let = get_config(ngpt).model, get_config(matched).model
+    assert let.num_maps == 3 and let.use_ngpt and let.hidden_dim < base.hidden_dim
+    n_base, n_let = (model_costs(c, 1)["non_embedding_params"] for c in (base, let))
+    assert abs(n_let / n_base - 1) < 0.03, (n_let, n_base)
+    unmatched = get_config(matched.replace("_matched", "")).model
+    assert model_costs(unmatched, 1)["non_embedding_params"] > 1.2 * n_base  # what matching removes
