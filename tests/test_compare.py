@@ -183,8 +183,7 @@ def test_bad_arguments_stop_before_training(argv, message, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smoke_comparison(byte_data, tmp_path):
-    """The real trainer, 2-step budget: 4 presets on 1 seed, 2 of them also on a second seed and at a 1-step
-    budget, 2 runs at a time."""
+    """The real trainer on a 2-step budget, 2 runs at a time (seeds and budgets: the fake-trainer test)."""
     out = tmp_path / "compare"
     cmd = [sys.executable, "-m", "letngpt.compare", "--data_dir", str(byte_data), "--max_iters", "2",
            "--eval_interval", "1", "--eval_iters", "1", "--out", str(out), "--jobs", "2", "--threads", "1", "--",
