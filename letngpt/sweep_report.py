@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from .report import steps_to_target
+from .report import step_ratio, steps_to_target
 from .sweep import Group, budget_steps_to_target
 
 COLUMNS = ["preset", "lr", "lr_grid", "lr_note", "seeds", "final_val_mean", "final_val_std",
@@ -77,8 +77,8 @@ def add_ratios(rows: list[dict], baseline: str | None) -> None:
     """Baseline steps / variant steps (budget-based when budgets ran): > 1 = fewer steps than the baseline."""
     base = next((r for r in rows if r["preset"] == baseline), None)
     for r in rows:
-        if base and base["_reach"] and r["_reach"]:
-            r["step_ratio_vs_baseline"] = base["_reach"] / r["_reach"]
+        if base:
+            r["step_ratio_vs_baseline"] = step_ratio(base["_reach"], r["_reach"])
 
 
 def markdown(rows: Sequence[dict], columns: Sequence[str], headers: Sequence[str]) -> str:

@@ -14,19 +14,17 @@ from conftest import ROOT, check_ok, subprocess_env
 
 from letngpt.compare import main as compare_main
 from letngpt.config import ConfigError
-from letngpt.report import (
-    NOT_REACHED,
-    Result,
-    build_table,
-    markdown_table,
-    pick_baseline,
-    select_best,
-    step_ratio,
-    steps_to_target,
-    training_time_at,
-    write_report,
+from letngpt.presets import get_config
+from letngpt.report import Result, pick_baseline, step_ratio, steps_to_target, training_time_at
+from letngpt.sweep import (
+    Group,
+    Spec,
+    budget_steps_to_target,
+    choose_best,
+    parse_budgets,
+    parse_lr_grids,
+    parse_seeds,
 )
-from letngpt.sweep import Group, budget_steps_to_target, choose_best, parse_budgets, parse_lr_grids, parse_seeds
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMOKE_FLAGS = ["--vocab_size=256", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2",
@@ -87,7 +85,7 @@ def test_pick_baseline():
     assert pick_baseline(["tiny_nGPT", "tiny_LETNGPT"]) is None
 
 
-# --- the table ---------------------------------------------------------------------------------------------
+# --- the report files --------------------------------------------------------------------------------------
 
 
 def curve(preset: str, lr: float, losses: list[float], interval: int = 10, step_time: float = 0.5) -> Result:
@@ -96,70 +94,48 @@ def curve(preset: str, lr: float, losses: list[float], interval: int = 10, step_
                   tokens_per_s=1000.0 / step_time, wall_time_s=steps[-1] * step_time + 1.0, run_id=f"id-{preset}")
 
 
-def synthetic_results() -> list[Result]:
-    return [
-        curve("tiny_GPT", 1e-3, [6.0, 5.0, 4.5, 4.0]),  # target 4.0 at step 30
-        curve("tiny_GPT", 3e-3, [6.0, 5.5, 5.0, 4.8]),  # worse lr: not selected
-        curve("tiny_nGPT", 3e-3, [6.0, 4.5, 3.5, 3.0], step_time=0.6),  # 4.0 halfway between 10 and 20
-        curve("tiny_LETNGPT", 3e-3, [6.0, 4.0, 3.0, 2.5], step_time=0.8),  # exactly at step 10
-        curve("tiny_LETTransformer", 1e-3, [6.0, 5.5, 5.0, 4.6]),  # never reaches 4.0
-    ]
-
-
-def test_select_best_by_final_val_loss():
-    failed = Result(preset="tiny_LETNGPT", lr=1e-2, error="exit code 1\nboom")
-    best = select_best([*synthetic_results(), failed])
-    assert [(r.preset, r.lr) for r in best] == [("tiny_GPT", 1e-3), ("tiny_nGPT", 3e-3), ("tiny_LETNGPT", 3e-3),
-                                                ("tiny_LETTransformer", 1e-3)]
-    assert select_best([failed])[0] is failed
-
-
-def test_build_table():
-    rows, target = build_table(select_best(synthetic_results()), "tiny_GPT")
-    assert target == 4.0
-    by = {r["preset"]: r for r in rows}
-    assert by["tiny_GPT"]["steps_to_target"] == 30.0 and by["tiny_GPT"]["step_ratio_vs_baseline"] == 1.0
-    assert by["tiny_nGPT"]["steps_to_target"] == pytest.approx(15.0)
-    assert by["tiny_nGPT"]["step_ratio_vs_baseline"] == pytest.approx(2.0)
-    assert by["tiny_nGPT"]["time_to_target_s"] == pytest.approx(15.0 * 0.6)
-    assert by["tiny_LETNGPT"]["steps_to_target"] == 10.0 and by["tiny_LETNGPT"]["step_ratio_vs_baseline"] == 3.0
-    assert by["tiny_LETTransformer"]["steps_to_target"] is None and not by["tiny_LETTransformer"]["reached"]
-    assert by["tiny_LETTransformer"]["step_ratio_vs_baseline"] is None
-    table = markdown_table(rows)
-    assert NOT_REACHED in table and "| tiny_nGPT | 0.003 | 3.0000 | 15.0 | 2.00 |" in table
-
-
-def test_table_without_a_successful_baseline():
-    results = [Result(preset="tiny_GPT", lr=1e-3, error="exit code 1"), curve("tiny_nGPT", 3e-3, [6.0, 5.0])]
-    rows, target = build_table(select_best(results), "tiny_GPT")
-    assert target is None and rows[0]["failed"] and rows[1]["steps_to_target"] is None
-    table = markdown_table(rows)
-    assert "| tiny_GPT | 0.001 | failed |" in table and "| tiny_nGPT | 0.003 | 5.0000 | n/a | n/a |" in table
-    assert NOT_REACHED not in table
-
-
 def test_report_files_are_readable(tmp_path):
     import matplotlib.image
 
-    results = [*synthetic_results(), Result(preset="tiny_LETNGPT", lr=1e-2, error="exit code 1\nboom")]
-    report = write_report(results, tmp_path, "tiny_GPT", header="# Synthetic", title="synthetic curves")
-    png = tmp_path / "val_loss.png"
-    assert png.read_bytes()[:8] == PNG_SIGNATURE
-    image = matplotlib.image.imread(png)
-    assert image.shape[0] > 300 and image.shape[1] > 2 * image.shape[0] * 0.9  # two panels side by side
-    assert image[..., :3].std() > 0.05  # not a blank canvas
+    from letngpt.sweep import group_results, model_costs
+    from letngpt.sweep_report import write_sweep_report
+
+    cfg = get_config("tiny_GPT").model
+    specs, results = [], []
+    for preset, lr, seed, steps, losses in [
+        ("tiny_GPT", 1e-3, 1, 30, [6.0, 5.0, 4.5, 4.0]), ("tiny_GPT", 1e-3, 2, 30, [6.0, 5.0, 4.4, 4.2]),
+        ("tiny_GPT", 3e-3, 1, 30, [6.0, 5.5, 5.0, 4.8]),  # worse lr: not the row
+        ("tiny_GPT", 1e-3, 1, 15, [6.0, 4.6]), ("tiny_GPT", 1e-3, 2, 15, [6.0, 4.6]),
+        ("tiny_nGPT", 1e-2, 1, 30, [6.0, 4.5, 3.5, 3.0]), ("tiny_nGPT", 1e-2, 2, 30, [6.0, 4.5, 3.5, 3.0]),
+        ("tiny_nGPT", 1e-2, 1, 15, [6.0, 4.1]), ("tiny_nGPT", 1e-2, 2, 15, [6.0, 4.1])]:
+        r = curve(preset, lr, losses, interval=steps // (len(losses) - 1))
+        r.seed = seed
+        specs.append(Spec(preset, lr, seed, steps))
+        results.append(r)
+    specs.append(Spec("tiny_nGPT", 3e-3, 1, 30))
+    results.append(Result(preset="tiny_nGPT", lr=3e-3, seed=1, error="exit code 1\nboom"))
+    best = {"tiny_GPT": {"lr": 1e-3, "grid": [1e-3, 3e-3], "edge": "lowest in grid", "ok": True},
+            "tiny_nGPT": {"lr": 1e-2, "grid": [3e-3, 1e-2], "edge": "highest in grid", "ok": True}}
+    costs = {p: model_costs(cfg, 1024) for p in best}
+    report = write_sweep_report(group_results(results, specs), best, costs, "tiny_GPT", 30, tmp_path,
+                                "# Synthetic", "synthetic curves")
+    assert report["target"] == pytest.approx(4.1)
+    for name, aspect in (("val_loss.png", 3.5), ("val_loss_flops.png", 1.4)):  # 3 panels with budgets; 1
+        image = matplotlib.image.imread(tmp_path / name)
+        assert image.shape[1] > aspect * image.shape[0] and image[..., :3].std() > 0.05
     with open(tmp_path / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["preset"] for r in rows] == ["tiny_GPT", "tiny_nGPT", "tiny_LETNGPT", "tiny_LETTransformer"]
-    assert float(rows[1]["steps_to_target"]) == pytest.approx(15.0)
-    assert float(rows[2]["step_ratio_vs_baseline"]) == pytest.approx(3.0)
-    assert rows[3]["steps_to_target"] == NOT_REACHED and rows[3]["step_ratio_vs_baseline"] == ""
+    assert [r["preset"] for r in rows] == ["tiny_GPT", "tiny_nGPT"] and rows[0]["lr_note"] == "lowest in grid"
+    # GPT's own target is reached at its full budget; nGPT's 4.1 at the 15-step budget already.
+    assert float(rows[0]["steps_to_target_budgets"]) == 30 and float(rows[0]["step_ratio_vs_baseline"]) == 1.0
+    assert float(rows[1]["steps_to_target_budgets"]) == 15
+    assert float(rows[1]["step_ratio_vs_baseline"]) == pytest.approx(2.0)
+    assert float(rows[1]["steps_to_target_curve"]) == pytest.approx(10 + 10 * 0.4 / 1.0)
     md = (tmp_path / "results.md").read_text()
     assert md.startswith("# Synthetic") and report["table"] in md and "boom" in md
-    table_lines = [line for line in md.splitlines() if line.startswith("| tiny_")]
-    assert len(table_lines) == 4 and all(line.count("|") == 9 for line in table_lines)
-    with open(tmp_path / "sweep.csv", newline="") as f:
-        assert len(list(csv.DictReader(f))) == 6
+    assert len([line for line in md.splitlines() if line.startswith("| tiny_")]) == 2 + 6  # table + grid groups
+    with open(tmp_path / "runs.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 10
 
 
 # --- the command line --------------------------------------------------------------------------------------
