@@ -526,10 +526,10 @@ class LoopEnsembleAttention(nn.Module):
         q = a.query(x).view(B, T, -1, hd)
         k = a.key(x).view(B, T, -1, hd)
         v = a.value(x).view(B, T, -1, hd)  # [B, T, heads, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if a.use_ngpt:
+        if a.use_ngpt:  # normalise -> scale -> rotate, as the model does
             s_qk = a.s_qk().view(-1, hd)
             q, k = s_qk * unit(q), s_qk * unit(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k = q.view(B, T, -1, m, hd), k.view(B, T, -1, m, hd)  # rows are laid out [head, map, hd]
         if m == 1:
             y = attend(q[:, :, :, 0], k[:, :, :, 0], v, scale=a.softmax_scale, backend=a.backend)
@@ -551,7 +551,6 @@ def build_attention(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, 
     if random_mix and cfg.num_maps > 1:  # away from the symmetric init, for equality tests
         with torch.no_grad():
             attn.ensemble_logits.normal_()
-            attn.ensemble_scale.fill_(1.3)
     return attn.to(device=device, dtype=dtype)
 
 

@@ -18,13 +18,18 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
+from .config import ConfigError
 from .fsutil import atomic_write_text
 
 MARKER = "latest_complete"
 STATE_FILE = "letngpt_state.json"
 _TAG = re.compile(r"^step_(\d{8,})$")
+# Parameters older versions had and this one dropped: the ensemble scale s of w_m = tanh(r_m) * s
+# (inert, because the head norm removes any overall scale of the mix).
+REMOVED_PARAMS = ("ensemble_scale",)
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -96,10 +101,37 @@ def load(engine, out_dir: str | Path, tag: str | None = None) -> dict | None:
     tag = tag or latest_tag(out_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir(out_dir)), tag=tag)
+    try:
+        path, client_state = engine.load_checkpoint(str(checkpoint_dir(out_dir)), tag=tag)
+    except Exception as e:  # DeepSpeed's own message names neither the cause nor the way out
+        stale = removed_params(checkpoint_dir(out_dir) / tag)
+        if stale:
+            raise ConfigError(
+                f"checkpoint {tag} predates the removal of {stale[0]} ({len(stale)} such tensors): its "
+                "weights still load for sampling and evaluation (the parameter is dropped, it was inert), "
+                "but training cannot resume from it because its optimizer state holds one more tensor per "
+                "layer. Start from scratch in another --out_dir, or resume with the version that wrote it."
+            ) from e
+        raise
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir(out_dir) / tag}")
     return client_state["letngpt"]
+
+
+def removed_params(folder: Path) -> list[str]:
+    """Names of parameters in the checkpoint at `folder` that this version no longer has.
+
+    Read from the model-states file (module keys at ZeRO 0-2, param_shapes at ZeRO 1-3;
+    memory-mapped, so nothing large is read) or a universal checkpoint's per-parameter folders.
+    """
+    names = [p.name for p in (folder / "zero").iterdir()] if (folder / "zero").is_dir() else []
+    states = folder / "mp_rank_00_model_states.pt"
+    if states.is_file():
+        saved = torch.load(states, map_location="cpu", mmap=True, weights_only=False)
+        names += list(saved.get("module") or {})
+        for group in saved.get("param_shapes") or []:
+            names += list(group)
+    return sorted({n for n in names if n.rsplit(".", 1)[-1] in REMOVED_PARAMS})
 
 
 def universal_tag(tag: str) -> str:

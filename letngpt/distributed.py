@@ -93,6 +93,14 @@ def all_reduce_mean(value: float, device: torch.device, group=None) -> float:
     return float(t.item())
 
 
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Elementwise sum over every rank of a small CPU tensor (sent via `device`), returned on the CPU."""
+    t = t.to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.cpu()
+
+
 def shutdown() -> None:
     """Leave together: a rank that exits while a peer still talks to it (rank 0 writing the
     summary, say) can have gloo abort it at interpreter exit, failing a finished job."""

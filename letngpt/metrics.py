@@ -81,7 +81,7 @@ def model_stats(engine) -> dict[str, float]:
     for i, block in enumerate(engine.module.blocks):
         attn = block.attn
         if attn.num_maps > 1:
-            weights = torch.tanh(full(attn.ensemble_logits)) * full(attn.ensemble_scale)
+            weights = torch.tanh(full(attn.ensemble_logits))  # w_m; the head norm removes any overall scale
             for m, w in enumerate(weights.tolist()):
                 stats[f"ensemble/layer{i}/w{m}"] = w
         if hasattr(block, "attn_alpha"):

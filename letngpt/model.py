@@ -115,14 +115,15 @@ class LinearEnsembleAttention(nn.Module):
         if cfg.use_ngpt:
             self.s_qk = ScaledVector(h * m * hd, init=1.0, scale=1.0 / math.sqrt(d))
         if m > 1:
-            # w_m = tanh(r_m) * s. Alternating signs start every head "differential" (the
+            # w_m = tanh(r_m). Alternating signs start every head "differential" (the
             # Diff Transformer's A1 - lambda*A2), so maps can cancel common-mode attention
             # noise from step 0; the first map is larger (tanh 1.0 = 0.76 vs 0.46), so the
             # weights sum to a positive value and a head starts as a signed sharpening of
             # ordinary attention rather than cancelling to nothing. tanh bounds each weight.
             self.ensemble_logits = nn.Parameter(self._initial_logits(m))
-            self.ensemble_scale = nn.Parameter(torch.ones(1))
-            # The signed mix has no fixed scale; normalise it per head and per token (never over time).
+            # The signed mix has no fixed scale; normalise it per head and per token (never over
+            # time). The norm removes any overall factor on w, so w carries no scale of its own:
+            # the norm's gain is what scales the head's output.
             self.head_norm = RMSNorm(hd)
 
     @staticmethod
@@ -133,10 +134,16 @@ class LinearEnsembleAttention(nn.Module):
         if self.num_maps > 1:
             with torch.no_grad():
                 self.ensemble_logits.copy_(self._initial_logits(self.num_maps))
-                self.ensemble_scale.fill_(1.0)
 
     def ensemble_weights(self) -> torch.Tensor:
-        return torch.tanh(self.ensemble_logits) * self.ensemble_scale
+        return torch.tanh(self.ensemble_logits)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Checkpoints from before the inert ensemble scale `s` was removed still hold it. The
+        # head norm made it a no-op (a factor on every w_m cancels), so dropping it is exact
+        # up to the norm's eps, and old weights keep loading.
+        state_dict.pop(prefix + "ensemble_scale", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -144,10 +151,14 @@ class LinearEnsembleAttention(nn.Module):
         q = self.query(x).view(B, T, -1, hd)  # [B, T, heads*maps, hd], head-major
         k = self.key(x).view(B, T, -1, hd)
         v = self.value(x).view(B, T, -1, hd)  # [B, T, heads, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.use_ngpt:
+            # Normalise -> scale -> rotate. Rotating last keeps q_i . k_j a function of i - j
+            # even when s_qk differs between the two coordinates of a rotation plane (NVIDIA's
+            # code rotates first, which breaks that); at init the orders agree, as unit(.)
+            # commutes with a rotation and s_qk is uniform.
             s_qk = self.s_qk().view(-1, hd)  # per (head, map) and dimension
             q, k = s_qk * unit(q), s_qk * unit(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if m > 1:
             v = v.repeat_interleave(m, dim=2)  # head h's one value serves its m maps
         y = attend(q, k, v, scale=self.softmax_scale, backend=self.backend)  # [B, T, heads*maps, hd]

@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .config import ConfigError, RunConfig
-from .data.loader import TokenData, check_vocab, get_batch, get_eval_batch
-from .distributed import DistInfo, all_reduce_max, all_reduce_mean, init_distributed
+from .data.loader import TokenData, check_vocab, eval_batches, get_batch
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, all_reduce_sum, init_distributed
 from .engine import build_engine, lr_at, per_rank_accumulation, resolve_dtype, set_lr
 from .fsutil import atomic_write_text
 from .metrics import StepTimer, memory_mb, mfu, model_stats, plain_grad_norm
@@ -74,15 +74,17 @@ def progress_bar(is_main: bool, start: int, total: int):
 
 @torch.no_grad()
 def evaluate(engine, data: TokenData, run: RunConfig, dp_rank: int, dp_size: int, device) -> float:
+    """Mean loss over the fixed evaluation set, whose windows do not depend on the layout."""
     engine.eval()
-    losses = []
-    for i in range(run.train.eval_iters):
-        x, y = get_eval_batch(data, seed=run.train.seed, eval_iter=i, dp_rank=dp_rank, dp_size=dp_size,
-                              micro_batch=run.train.batch_size, block_size=run.model.block_size)
+    total = torch.zeros(2, dtype=torch.float64)  # sum of per-window mean losses, number of windows
+    for x, y, n in eval_batches(data, seed=run.train.seed, eval_iters=run.train.eval_iters, dp_rank=dp_rank,
+                                dp_size=dp_size, micro_batch=run.train.batch_size, block_size=run.model.block_size):
         _, loss = engine(x.to(device), y.to(device))
-        losses.append(loss.item())
+        total += torch.tensor([loss.item() * n, n], dtype=torch.float64)
     engine.train()
-    return all_reduce_mean(sum(losses) / len(losses), device)
+    # Over the whole world: TP peers hold the same share, which scales both sums alike.
+    loss_sum, windows = all_reduce_sum(total, device).tolist()
+    return loss_sum / windows
 
 
 def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) -> dict:

@@ -50,9 +50,7 @@ def _fwd_bwd_all(fused, module, cfg, dtype):
 @pytest.mark.parametrize("maps", [1, 3, 5])
 def test_loop_attention_equals_fused(use_ngpt, maps):
     """The benchmark's per-map loop computes exactly what the fused module computes: outputs and
-    input gradients in fp32 to 1e-5; every parameter gradient in fp64 to 1e-10 (in fp32 the
-    ensemble_scale gradient is a near-total cancellation, ~0 analytically because the head norm
-    removes the scale, so its fp32 value is summation noise)."""
+    input gradients in fp32 to 1e-5; every parameter gradient in fp64 to 1e-10."""
     cfg = ModelConfig(vocab_size=64, block_size=24, n_layer=1, n_head=4, n_embd=64, num_maps=maps,
                       use_ngpt=use_ngpt, attn_backend="sdpa")
     fused = common.build_attention(cfg, CPU, torch.float32, seed=1, random_mix=True)

@@ -18,7 +18,7 @@ import tiktoken
 import torch
 
 from letngpt.data import DataError, prepare, tokenizer
-from letngpt.data.loader import TokenData, check_vocab, get_batch, get_eval_batch, global_offsets
+from letngpt.data.loader import TokenData, check_vocab, eval_batches, eval_offsets, gather, get_batch, global_offsets
 from letngpt.data.prepare import ensure_tinyshakespeare, main, prepare_text, write_dataset, write_tokens
 from letngpt.data.tokenizer import get_encoding
 
@@ -305,17 +305,36 @@ def test_global_batch_is_layout_invariant(synthetic):
         assert len(windows[0]) == MB * 4
 
 
-def test_eval_batches_fixed_and_distinct_from_training(synthetic):
+def eval_windows(val: TokenData, dp: int, *, seed: int = 1337, eval_iters: int = 3) -> list[list[tuple]]:
+    """Per rank: the windows its eval batches really hold (stand-ins dropped)."""
+    per_rank = []
+    for rank in range(dp):
+        rows = []
+        for x, y, n in eval_batches(val, seed=seed, eval_iters=eval_iters, micro_batch=MB, block_size=BLOCK,
+                                    dp_rank=rank, dp_size=dp):
+            assert torch.equal(y, x + 1) and 0 <= n <= len(x) <= MB
+            rows.append([tuple(r) for r in x[:n].tolist()])
+        per_rank.append(rows)
+    return per_rank
+
+
+def test_eval_set_does_not_depend_on_the_layout(synthetic):
+    """One fixed set of eval_iters * micro_batch windows, split by the ranks: same windows at any
+    DP size, every window once, and the same number of forward passes on every rank."""
     val = TokenData(synthetic, "val")
-
-    def eval_batch(i: int, rank: int, dp: int = 2):
-        return get_eval_batch(val, seed=1337, eval_iter=i, dp_rank=rank, dp_size=dp, micro_batch=MB,
-                              block_size=BLOCK)
-
-    x, y = eval_batch(0, 0)
-    assert torch.equal(y, x + 1) and torch.equal(x, eval_batch(0, 0)[0])
-    assert not torch.equal(x, eval_batch(0, 1)[0]) and not torch.equal(x, eval_batch(1, 0)[0])
-    assert not torch.equal(x, batch(val, 0, 0, 0, 2, 1)[0])  # its own seed stream
+    offsets = eval_offsets(val, seed=1337, eval_iters=3, micro_batch=MB, block_size=BLOCK)
+    expected = sorted(tuple(r) for r in gather(val, offsets, BLOCK)[0].tolist())
+    assert len(expected) == 3 * MB
+    for dp in (1, 2, 3, 4, 7, 3 * MB + 1):  # 7 and 3*MB+1 do not divide 3 * MB: uneven shares, idle ranks
+        per_rank = eval_windows(val, dp)
+        assert len({len(batches) for batches in per_rank}) == 1, dp  # equal pass counts (ZeRO 3)
+        seen = sorted(w for batches in per_rank for rows in batches for w in rows)
+        assert seen == expected, dp
+    assert eval_windows(val, 2) == eval_windows(val, 2)  # the same set at every evaluation
+    assert eval_windows(val, 1, seed=1) != eval_windows(val, 1)
+    assert eval_windows(val, 1, eval_iters=2)[0] == eval_windows(val, 1)[0][:2]  # a prefix: more iters, more windows
+    train_x = batch(val, 0, 0, 0, 1, 1)[0]  # training draws from its own stream
+    assert [tuple(r) for r in train_x.tolist()] != eval_windows(val, 1)[0][0]
 
 
 def test_sampling_edges_and_argument_errors(synthetic):

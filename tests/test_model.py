@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,6 +58,47 @@ def test_rope_is_a_rotation():
     assert abs(float(qs[5] @ ks[5] - qs[5] @ ks[2])) > 1e-6  # and it does depend on i - j
 
 
+def first_layer_scores(model: torch.nn.Module, idx: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """Pre-softmax scores scale * q_i . k_j of the first attention call, [B, heads*maps, T, T]."""
+    import letngpt.model as model_module
+
+    calls = []
+    real_attend = model_module.attend
+
+    def recording_attend(q, k, v, *, scale, backend="auto"):
+        calls.append((q.detach().clone(), k.detach().clone(), scale))
+        return real_attend(q, k, v, scale=scale, backend=backend)
+
+    monkeypatch.setattr(model_module, "attend", recording_attend)
+    model(idx)
+    q, k, scale = calls[0]
+    return scale * torch.einsum("bihd,bjhd->bhij", q, k)
+
+
+@pytest.mark.parametrize("variant", ["nGPT", "LETNGPT"])
+def test_scores_depend_on_relative_position_only(variant, monkeypatch):
+    """With a non-uniform s_qk, score(i, i - d) must not depend on i (RoPE rotates last).
+
+    Every position holds the same token, so the first layer's q and k differ between
+    positions only by RoPE; any dependence on i beyond fp32 angle rounding is a bug.
+    """
+    torch.manual_seed(0)
+    T = 64
+    model = letngpt.build_model(small_cfg(*VARIANTS[variant], block_size=T)).double()
+    with torch.no_grad():
+        for block in model.blocks:  # effective s_qk uniform in [0.5, 1.5], per dimension
+            s_qk = block.attn.s_qk
+            s_qk.weight.copy_(torch.rand_like(s_qk.weight).add(0.5) / s_qk.multiplier)
+    idx = torch.full((1, T), 7)
+    scores = first_layer_scores(model, idx, monkeypatch)[0]
+    assert scores.shape[-1] == T
+    for d in range(T - 1):
+        diagonal = torch.diagonal(scores, offset=-d, dim1=-2, dim2=-1)  # score(i, i - d) over i
+        spread = (diagonal.max(-1).values - diagonal.min(-1).values).max()
+        assert spread < 1e-5, (d, float(spread))
+    assert (scores[:, 10, 10] - scores[:, 10, 5]).abs().max() > 1e-3  # and it does depend on d
+
+
 @pytest.mark.parametrize("variant", ["nGPT", "LETNGPT"])
 def test_normalized_weights_and_hidden_states(variant):
     torch.manual_seed(0)
@@ -98,11 +140,12 @@ def naive_attention(attn: LinearEnsembleAttention, x: torch.Tensor, n_head: int)
     for h in range(n_head):
         mixed = 0
         for j in range(m):
-            qj = apply_rope(q[:, :, h, j][:, :, None], cos, sin)[:, :, 0]
-            kj = apply_rope(k[:, :, h, j][:, :, None], cos, sin)[:, :, 0]
+            qj, kj = q[:, :, h, j], k[:, :, h, j]
             if attn.use_ngpt:
                 s = attn.s_qk().view(n_head, m, hd)[h, j]
                 qj, kj = s * F.normalize(qj, dim=-1), s * F.normalize(kj, dim=-1)
+            qj = apply_rope(qj[:, :, None], cos, sin)[:, :, 0]
+            kj = apply_rope(kj[:, :, None], cos, sin)[:, :, 0]
             scores = (qj @ kj.transpose(1, 2)) * attn.softmax_scale
             probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
             weight = attn.ensemble_weights()[j] if m > 1 else 1.0
@@ -151,6 +194,41 @@ def test_ensemble_weights_start_signed_and_alternating():
     assert w[0] > 0 and w[1] < 0 and w[2] > 0 and w[3] < 0 and w.sum() > 0
 
 
+@pytest.mark.parametrize("use_ngpt", [True, False])
+def test_ensemble_mix_has_no_inert_scale(use_ngpt):
+    """The head norm removes any overall factor on w, so w = tanh(r) and nothing else may learn
+    a scale there; what model_stats logs is exactly tanh(r_m) per layer."""
+    from letngpt.metrics import model_stats
+
+    torch.manual_seed(0)
+    model = letngpt.build_model(small_cfg(use_ngpt, 3))
+    attn_params = {n for n, _ in model.blocks[0].attn.named_parameters()}
+    mixing = {n for n in attn_params if not n.startswith(("query", "key", "value", "proj", "s_qk"))}
+    assert mixing == {"ensemble_logits", "head_norm.weight"}
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.attn.ensemble_logits.copy_(torch.tensor([0.3, -1.2, 2.0]) * (i + 1))
+    stats = model_stats(SimpleNamespace(module=model))
+    for i in range(2):
+        for m, r in enumerate([0.3, -1.2, 2.0]):
+            assert abs(stats[f"ensemble/layer{i}/w{m}"] - math.tanh(r * (i + 1))) < 1e-6
+
+
+def test_old_state_dict_with_ensemble_scale_loads():
+    """A state dict from before the scale was removed loads strictly (the key is dropped) and
+    reproduces the model it came from."""
+    torch.manual_seed(0)
+    model = letngpt.build_model(small_cfg(True, 3)).double()
+    old = model.state_dict()
+    for i in range(len(model.blocks)):
+        old[f"blocks.{i}.attn.ensemble_scale"] = torch.full((1,), 3.0, dtype=torch.float64)
+    torch.manual_seed(1)
+    fresh = letngpt.build_model(small_cfg(True, 3)).double()
+    fresh.load_state_dict(old)
+    idx = torch.randint(0, 97, (2, 32))
+    assert (fresh(idx)[0] - model(idx)[0]).abs().max() < 1e-12
+
+
 def expected_param_count(c: ModelConfig) -> int:
     d, L, V, M, hidden = c.n_embd, c.n_layer, c.vocab_size, c.num_maps, c.hidden_dim
     per_layer = (2 * M + 2) * d * d + 3 * d * hidden
@@ -159,7 +237,7 @@ def expected_param_count(c: ModelConfig) -> int:
     else:
         per_layer += 2 * d  # two RMSNorm gains
     if M > 1:
-        per_layer += M + 1 + c.head_dim  # r_m, s, head-norm gain
+        per_layer += M + c.head_dim  # r_m, head-norm gain
     return L * per_layer + 2 * V * d + (V if c.use_ngpt else d)  # + s_z or the final norm
 
 

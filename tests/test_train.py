@@ -227,3 +227,43 @@ def test_deepspeed_launcher(byte_data, reference_run, tmp_path):
     losses = [m["train/loss"] for m in read_metrics(tmp_path)]
     ref = [m["train/loss"] for m in read_metrics(reference_run)][:4]
     assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) < 1e-5
+
+
+def test_old_checkpoint_with_removed_parameter_fails_clearly(tmp_path):
+    """A checkpoint that still holds the removed ensemble scale cannot resume (its optimizer state
+    has one more tensor per layer): the error must say so, not DeepSpeed's size mismatch."""
+    import torch
+
+    from letngpt.config import ConfigError
+
+    folder = checkpoint.checkpoint_dir(tmp_path) / checkpoint.tag_for(2)
+    folder.mkdir(parents=True)
+    torch.save({"module": {"wte.weight": torch.zeros(2, 2), "blocks.0.attn.ensemble_scale": torch.ones(1)},
+                "param_shapes": [{"blocks.1.attn.ensemble_scale": torch.Size([1])}]},
+               folder / "mp_rank_00_model_states.pt")
+    assert checkpoint.removed_params(folder) == ["blocks.0.attn.ensemble_scale", "blocks.1.attn.ensemble_scale"]
+
+    class Engine:  # what DeepSpeed does with such a checkpoint at ZeRO 0
+        def load_checkpoint(self, *args, **kwargs):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size")
+
+    with pytest.raises(ConfigError, match="predates the removal of blocks.0.attn.ensemble_scale"):
+        checkpoint.load(Engine(), tmp_path, tag=checkpoint.tag_for(2))
+    (folder / "mp_rank_00_model_states.pt").unlink()  # a checkpoint without it re-raises DeepSpeed's error
+    with pytest.raises(ValueError, match="parameter group"):
+        checkpoint.load(Engine(), tmp_path, tag=checkpoint.tag_for(2))
+
+
+def test_val_loss_does_not_depend_on_the_layout(byte_data, tmp_path):
+    """The same weights (the seeded initial model; max_iters=0 evaluates it) score the same val
+    loss on 1 rank, on 2 data-parallel ranks at ZeRO 3 (forward passes are collective there, and
+    9 windows split 5/4 leave rank 1 a stand-in pass) and with TP=2."""
+    layouts = {"dp1": ([], 1), "dp2_zero3": (["--zero_stage=3"], 2), "tp2": (["--tp=2"], 2)}
+    val = {}
+    for name, (extra, nproc) in layouts.items():
+        out = tmp_path / name
+        check_ok(run_train(tiny(byte_data, out, "--max_iters=0", "--batch_size=3", "--eval_iters=3", *extra),
+                           nproc=nproc))
+        val[name] = json.loads((out / "summary.json").read_text())["val_loss"]
+    assert 4.0 < val["dp1"] < 7.0, val  # about ln(256) = 5.5 at init: a real loss was computed
+    assert abs(val["dp2_zero3"] - val["dp1"]) < 1e-5 and abs(val["tp2"] - val["dp1"]) < 1e-5, val

@@ -10,13 +10,15 @@ Hence:
 - within a step, ranks and micro steps never share a slot;
 - the global batch depends only on its size, not on its layout: dp 2 x accum 2 sees the same
   windows as dp 1 x accum 4 or dp 4 x accum 1.
-Evaluation uses its own stream, indexed by eval_iter only, so every evaluation of a run sees the
-same validation windows and val losses are comparable across steps.
+Evaluation uses its own stream and a fixed set of eval_iters * micro_batch windows (eval_offsets)
+that the ranks split between them, so every evaluation of a run sees the same validation windows,
+val losses are comparable across steps, and a checkpoint scores the same at any DP/TP layout.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -141,11 +143,31 @@ def get_batch(data: TokenData, *, seed: int, step: int, micro_step: int, dp_rank
     return gather(data, offsets[start:start + micro_batch], block_size)
 
 
-def get_eval_batch(data: TokenData, *, seed: int, eval_iter: int, dp_rank: int, dp_size: int,
-                   micro_batch: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluation batch `eval_iter` for this rank: the same windows at every evaluation of a run."""
+def eval_offsets(data: TokenData, *, seed: int, eval_iters: int, micro_batch: int,
+                 block_size: int) -> np.ndarray:
+    """The evaluation set: eval_iters * micro_batch window starts, a function of the seed and
+    these sizes only, never of the parallel layout, so a checkpoint's val loss is the same at any
+    DP/TP size (and an eval reads the same number of tokens at 64 GPUs as at one)."""
+    if eval_iters < 1:
+        raise ValueError(f"eval_iters must be >= 1, got {eval_iters}")
+    return np.concatenate([global_offsets(data, seed=seed, index=i, size=micro_batch, block_size=block_size,
+                                          stream=EVAL_STREAM) for i in range(eval_iters)])
+
+
+def eval_batches(data: TokenData, *, seed: int, eval_iters: int, micro_batch: int, block_size: int,
+                 dp_rank: int, dp_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """This rank's share of the evaluation set as (x, y, n_windows) batches of <= micro_batch.
+
+    The ranks split the set into contiguous, near-equal shares; summing loss * n_windows and
+    n_windows over ranks gives the exact mean over the set. Every rank yields the same number
+    of batches, because a forward pass can be collective (ZeRO 3 gathers parameters in it): a
+    rank whose share is used up yields a stand-in window with n_windows = 0, to be ignored.
+    """
     _check_rank(dp_rank, dp_size)
-    offsets = global_offsets(data, seed=seed, index=eval_iter, size=micro_batch * dp_size,
-                             block_size=block_size, stream=EVAL_STREAM)
-    start = dp_rank * micro_batch
-    return gather(data, offsets[start:start + micro_batch], block_size)
+    shares = np.array_split(eval_offsets(data, seed=seed, eval_iters=eval_iters, micro_batch=micro_batch,
+                                         block_size=block_size), dp_size)
+    mine = shares[dp_rank]
+    for start in range(0, len(shares[0]), micro_batch):  # shares[0] is the largest
+        part = mine[start:start + micro_batch]
+        x, y = gather(data, part if len(part) else shares[0][:1], block_size)
+        yield x, y, len(part)

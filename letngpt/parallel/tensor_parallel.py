@@ -193,7 +193,7 @@ def parallelize_tp(model: LETnGPT, tp: int) -> LETnGPT:
             for vec in (attn.s_qk, mlp.s_u, mlp.s_v):
                 _shard_vector_(vec)
         if attn.num_maps > 1:
-            for p in (attn.ensemble_logits, attn.ensemble_scale, attn.head_norm.weight):
+            for p in (attn.ensemble_logits, attn.head_norm.weight):
                 _sum_grad_over_tp(p)
     model.loss = _vocab_parallel_loss  # logits are split by vocabulary
     return model
