@@ -59,6 +59,7 @@ DEFAULT_FLAGS = ["--log_interval=1", "--keep_checkpoints=1"]
 # Set by the comparison itself so every variant gets the same budget and lands in the same place.
 CONTROLLED = {"config", "out_dir", "data_dir", "tracking_uri", "experiment", "parent_run_id", "max_iters",
               "lr_decay_iters", "eval_interval", "eval_iters", "init_from", "seed"}
+NOT_RUN = "not run yet"  # --report_only: a planned run without a finished folder
 VAL_LINE = re.compile(r"step (\d+): val loss (\S+)")
 
 
@@ -83,6 +84,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--budget_seeds", type=int, default=None, help="seeds per budget run (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1: sequential)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores // jobs)")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: report the finished runs in OUT/runs (a snapshot of a running sweep)")
     p.add_argument("--out", default="out/compare", help="report folder; runs in OUT/runs/ (finished ones reused)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     p.add_argument("--eval_interval", type=int, default=None, help="default: max_iters // 10")
@@ -230,6 +233,8 @@ def run_variant(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str
         made_with = (run_dir / "code.txt").read_text().strip() if (run_dir / "code.txt").exists() else "unknown"
         stale = "" if made_with == code_fingerprint() else f"; WARNING: trained with other model code ({made_with})"
         print(f"reusing {label} ({run_dir}){stale}", flush=True)
+    elif ns.report_only:
+        return Result(preset=spec.preset, lr=spec.lr, seed=spec.seed, budget=spec.steps, error=NOT_RUN)
     else:
         if run_dir.exists():  # unfinished or different: this one starts from scratch
             shutil.rmtree(run_dir)
@@ -351,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     uri = ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out}/mlflow.db"
     command = shlex.join(["python", "-m", "letngpt.compare", *argv])
-    tracker = Tracker(out, tracking_uri=uri, experiment=EXPERIMENT, run_name=f"compare {','.join(plan.presets)}")
+    tracker = Tracker(out, tracking_uri=uri, experiment=EXPERIMENT, run_name=f"compare {','.join(plan.presets)}",
+                      enabled=not ns.report_only)
     parent_id = tracker.start(
         params={"presets": ",".join(plan.presets), "max_iters": ns.max_iters, "lrs": " ".join(ns.lrs) or "preset",
                 "seeds": ns.seeds, "budgets": ns.budgets or "none", "baseline": plan.baseline,
@@ -362,27 +368,41 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     specs, results, best = sweep(plan, ns, lambda spec: run_variant(spec, plan, ns, extras, data_dir, out, uri,
                                                                     parent_id))
-    groups = group_results(results, specs)
-    costs = {p: model_costs(c.model, c.train.batch_size * c.model.block_size * c.train.gradient_accumulation_steps)
-             for p, c in plan.configs.items()}
     header = (f"# Convergence comparison\n\n`{command}`\n\nData `{data_dir}`, {ns.max_iters} steps per full run, "
               f"seeds {' '.join(map(str, plan.seeds))}, {ns.nproc} process(es) per run, {ns.jobs} run(s) at a time, "
               f"on {machine()}, {time.strftime('%Y-%m-%d')}; this invocation took {time.time() - started:.0f} s.")
-    report = write_sweep_report(groups, best, costs, plan.baseline, ns.max_iters, out, header,
-                                f"{data_dir.name}: {ns.max_iters} steps, {', '.join(plan.presets)}")
+    done = [(s, r) for s, r in zip(specs, results, strict=True) if r.error != NOT_RUN]
+    missing = [s.name for s, r in zip(specs, results, strict=True) if r.error == NOT_RUN]
+    if missing:
+        header += (f"\n\n**Partial sweep: {len(done)} of {len(specs)} planned runs finished** (rerun the "
+                   f"command without --report_only to finish it). Not run yet: {', '.join(missing)}.")
+    report = finish(plan, ns, out, best, done, header, data_dir.name)
     details = {"command": command, "parent_run_id": parent_id, "tracking_uri": uri, "experiment": EXPERIMENT,
-               "baseline": plan.baseline, "target_val_loss": report["target"], "best": best, "costs": costs,
+               "baseline": plan.baseline, "target_val_loss": report["target"], "best": best,
+               "costs": report["costs"],
                "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["rows"]],
-               "grid": report["grid"], "runs": [vars(r) for r in results]}
+               "grid": report["grid"], "runs": [vars(r) for _, r in done], "not_run_yet": missing}
     (out / "results.json").write_text(json.dumps(details, indent=2))
     log_to_parent(tracker, report, plan, [out / "results.json"])
-    failed = [r for r in results if not r.ok]
+    failed = [r for _, r in done if not r.ok]
     tracker.end("FAILED" if failed else "FINISHED")
     print(f"\nreport: {report['paths']['md']}, {report['paths']['png']} and {report['paths']['flops_png']}")
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(f"{r.preset} lr {r.lr:g} seed {r.seed}" for r in failed))
     print(report["table"], flush=True)
     return 1 if failed else 0
+
+
+def finish(plan: Plan, ns: argparse.Namespace, out: Path, best: dict, done: list[tuple[Spec, Result]],
+           header: str, data_name: str) -> dict:
+    """Group the finished runs and write the report files (letngpt.sweep_report)."""
+    groups = group_results([r for _, r in done], [s for s, _ in done])
+    costs = {p: model_costs(c.model, c.train.batch_size * c.model.block_size * c.train.gradient_accumulation_steps)
+             for p, c in plan.configs.items()}
+    report = write_sweep_report(groups, best, costs, plan.baseline, ns.max_iters, out, header,
+                                f"{data_name}: {ns.max_iters} steps, {', '.join(plan.presets)}")
+    report["costs"] = costs
+    return report
 
 
 if __name__ == "__main__":

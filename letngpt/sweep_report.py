@@ -179,7 +179,7 @@ def write_sweep_report(groups: Sequence[Group], best: dict[str, dict], costs: di
     the two plots; returns rows, target, the markdown table and the paths."""
     out.mkdir(parents=True, exist_ok=True)
     full = {(g.preset, g.lr): g for g in groups if g.steps == max_iters}
-    best_groups = [full[(p, info["lr"])] for p, info in best.items()]
+    best_groups = [full[(p, info["lr"])] for p, info in best.items() if (p, info["lr"]) in full]  # partial sweeps
     budgets = {g.preset: sorted((b for b in groups if b.preset == g.preset and b.lr == g.lr and b.steps < max_iters),
                                 key=lambda b: b.steps) for g in best_groups}
     base = next((g for g in best_groups if g.preset == baseline and g.ok), None)

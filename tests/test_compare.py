@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -301,6 +302,14 @@ def test_sweep_grid_on_one_seed_then_best_lr_on_all_seeds_and_budgets(tmp_path, 
     assert compare_main(argv) == 0
     assert not (out / "calls.txt").exists()
     assert "reusing char_nGPT lr 0.01 seed 1339 8 steps" in capsys.readouterr().out
+
+    # A snapshot of an unfinished sweep: --report_only trains nothing and lists what is missing.
+    shutil.rmtree(out / "runs" / "char_GPT_lr0.003_seed1338_it16")
+    assert compare_main([*argv, "--report_only"]) == 0
+    assert not (out / "calls.txt").exists()
+    md = (out / "results.md").read_text()
+    assert "Partial sweep: 20 of 21 planned runs finished" in md and "char_GPT_lr0.003_seed1338_it16" in md
+    assert json.loads((out / "results.json").read_text())["not_run_yet"] == ["char_GPT_lr0.003_seed1338_it16"]
 
 
 # --- sweeps: seeds, per-preset grids, budgets, parameter matching (letngpt.sweep) ------------------------------
