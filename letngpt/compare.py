@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri = ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out}/mlflow.db"
-    command = shlex.join(["python", "-m", "letngpt.compare", *argv])
+    command = shlex.join(["python", "-m", "letngpt.compare", *(a for a in argv if a != "--report_only")])
     tracker = Tracker(out, tracking_uri=uri, experiment=EXPERIMENT, run_name=f"compare {','.join(plan.presets)}",
                       enabled=not ns.report_only)
     parent_id = tracker.start(
@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
               f"on {machine()}, {time.strftime('%Y-%m-%d')}; this invocation took {time.time() - started:.0f} s.")
     done = [(s, r) for s, r in zip(specs, results, strict=True) if r.error != NOT_RUN]
     missing = [s.name for s, r in zip(specs, results, strict=True) if r.error == NOT_RUN]
+    trained = sum(r.wall_time_s or 0.0 for _, r in done)
+    header += f" Training loops of the {len(done)} finished runs: {trained / 3600:.2f} h in all (sum of wall times)."
     if missing:
         header += (f"\n\n**Partial sweep: {len(done)} of {len(specs)} planned runs finished** (rerun the "
                    f"command without --report_only to finish it). Not run yet: {', '.join(missing)}.")
