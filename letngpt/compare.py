@@ -366,27 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         tags={"kind": "compare", "command": command, "git_commit": git_commit() or "unknown"})
     print(f"MLflow: {uri}, experiment {EXPERIMENT}, parent run {parent_id}", flush=True)
     started = time.time()
-    specs, results, best = sweep(plan, ns, lambda spec: run_variant(spec, plan, ns, extras, data_dir, out, uri,
-                                                                    parent_id))
+    swept = sweep(plan, ns, lambda spec: run_variant(spec, plan, ns, extras, data_dir, out, uri, parent_id))
     header = (f"# Convergence comparison\n\n`{command}`\n\nData `{data_dir}`, {ns.max_iters} steps per full run, "
               f"seeds {' '.join(map(str, plan.seeds))}, {ns.nproc} process(es) per run, {ns.jobs} run(s) at a time, "
               f"on {machine()}, {time.strftime('%Y-%m-%d')}; this invocation took {time.time() - started:.0f} s.")
-    done = [(s, r) for s, r in zip(specs, results, strict=True) if r.error != NOT_RUN]
-    missing = [s.name for s, r in zip(specs, results, strict=True) if r.error == NOT_RUN]
-    trained = sum(r.wall_time_s or 0.0 for _, r in done)
-    header += f" Training loops of the {len(done)} finished runs: {trained / 3600:.2f} h in all (sum of wall times)."
-    if missing:
-        header += (f"\n\n**Partial sweep: {len(done)} of {len(specs)} planned runs finished** (rerun the "
-                   f"command without --report_only to finish it). Not run yet: {', '.join(missing)}.")
-    report = finish(plan, ns, out, best, done, header, data_dir.name)
-    details = {"command": command, "parent_run_id": parent_id, "tracking_uri": uri, "experiment": EXPERIMENT,
-               "baseline": plan.baseline, "target_val_loss": report["target"], "best": best,
-               "costs": report["costs"],
-               "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["rows"]],
-               "grid": report["grid"], "runs": [vars(r) for _, r in done], "not_run_yet": missing}
-    (out / "results.json").write_text(json.dumps(details, indent=2))
+    report, done = finish(plan, ns, out, swept, header, data_dir.name,
+                          {"command": command, "parent_run_id": parent_id, "tracking_uri": uri})
     log_to_parent(tracker, report, plan, [out / "results.json"])
-    failed = [r for _, r in done if not r.ok]
+    failed = [r for r in done if not r.ok]
     tracker.end("FAILED" if failed else "FINISHED")
     print(f"\nreport: {report['paths']['md']}, {report['paths']['png']} and {report['paths']['flops_png']}")
     if failed:
@@ -395,16 +382,29 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def finish(plan: Plan, ns: argparse.Namespace, out: Path, best: dict, done: list[tuple[Spec, Result]],
-           header: str, data_name: str) -> dict:
-    """Group the finished runs and write the report files (letngpt.sweep_report)."""
+def finish(plan: Plan, ns: argparse.Namespace, out: Path, swept: tuple[list[Spec], list[Result], dict],
+           header: str, data_name: str, ids: dict) -> tuple[dict, list[Result]]:
+    """Group the finished runs, write the report files (letngpt.sweep_report) and results.json; returns the
+    report and the finished runs (--report_only leaves the others out, listed as not run yet)."""
+    specs, results, best = swept
+    done = [(s, r) for s, r in zip(specs, results, strict=True) if r.error != NOT_RUN]
+    missing = [s.name for s, r in zip(specs, results, strict=True) if r.error == NOT_RUN]
+    trained = sum(r.wall_time_s or 0.0 for _, r in done)
+    header += f" Training loops of the {len(done)} finished runs: {trained / 3600:.2f} h in all (sum of wall times)."
+    if missing:
+        header += (f"\n\n**Partial sweep: {len(done)} of {len(specs)} planned runs finished** (rerun the "
+                   f"command without --report_only to finish it). Not run yet: {', '.join(missing)}.")
     groups = group_results([r for _, r in done], [s for s, _ in done])
     costs = {p: model_costs(c.model, c.train.batch_size * c.model.block_size * c.train.gradient_accumulation_steps)
              for p, c in plan.configs.items()}
     report = write_sweep_report(groups, best, costs, plan.baseline, ns.max_iters, out, header,
                                 f"{data_name}: {ns.max_iters} steps, {', '.join(plan.presets)}")
-    report["costs"] = costs
-    return report
+    details = {**ids, "experiment": EXPERIMENT, "baseline": plan.baseline, "target_val_loss": report["target"],
+               "best": best, "costs": costs,
+               "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["rows"]],
+               "grid": report["grid"], "runs": [vars(r) for _, r in done], "not_run_yet": missing}
+    (out / "results.json").write_text(json.dumps(details, indent=2))
+    return report, [r for _, r in done]
 
 
 if __name__ == "__main__":
