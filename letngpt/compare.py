@@ -116,7 +116,7 @@ def check(ns: argparse.Namespace, extras: list[str]) -> Plan:
     presets = [p.strip() for p in ns.presets.split(",") if p.strip()]
     if not presets or len(set(presets)) != len(presets):
         raise ConfigError(f"--presets ({ns.presets!r}) must name distinct presets")
-    if min(ns.max_iters, ns.nproc, ns.jobs, ns.threads or 1) < 1:
+    if min(ns.max_iters, ns.nproc, ns.jobs, 1 if ns.threads is None else ns.threads) < 1:
         raise ConfigError("--max_iters, --nproc, --jobs and --threads must be >= 1")
     for preset in presets:
         get_config(preset)  # a clear error for an unknown name

@@ -386,6 +386,7 @@ def test_seeds_and_budgets_parse():
     (["--seeds", "2", "--grid_seeds", "3"], "--grid_seeds"),
     (["--budgets", "100,500", "--max_iters", "200"], "--budgets"),
     (["--jobs", "0"], "--jobs"),
+    (["--threads", "0"], "--threads"),
     (["--", "--seed=3"], "seed"),
 ])
 def test_bad_sweep_arguments_exit_2_with_one_line(argv, message, tmp_path, capsys):
