@@ -44,7 +44,7 @@ from .config import ConfigError, RunConfig, canonical_key
 from .data import DataError
 from .presets import get_config
 from .report import Result, pick_baseline, training_time_at
-from .sweep import Spec, choose_best, group_results, model_costs, parse_budgets, parse_lr_grids, parse_seeds
+from .sweep import NOT_RUN, Spec, choose_best, group_results, model_costs, parse_budgets, parse_lr_grids, parse_seeds
 from .sweep_report import write_sweep_report
 from .tracking import Tracker, git_commit
 
@@ -59,7 +59,6 @@ DEFAULT_FLAGS = ["--log_interval=1", "--keep_checkpoints=1"]
 # Set by the comparison itself so every variant gets the same budget and lands in the same place.
 CONTROLLED = {"config", "out_dir", "data_dir", "tracking_uri", "experiment", "parent_run_id", "max_iters",
               "lr_decay_iters", "eval_interval", "eval_iters", "init_from", "seed"}
-NOT_RUN = "not run yet"  # --report_only: a planned run without a finished folder
 VAL_LINE = re.compile(r"step (\d+): val loss (\S+)")
 
 

@@ -21,6 +21,7 @@ from .config import ConfigError, ModelConfig
 from .report import Result
 
 DEFAULT_SEED = 1337  # TrainConfig's: seed count N means 1337, 1338, ...
+NOT_RUN = "not run yet"  # the error of a planned run that has no finished folder (compare --report_only)
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,16 @@ def group_results(results: Sequence[Result], specs: Sequence[Spec]) -> list[Grou
 
 def choose_best(groups: Sequence[Group], steps: int, seeds: Sequence[int] | None = None) -> dict[str, dict]:
     """Per preset: the lr with the lowest mean final loss at `steps` (over `seeds` when given, so every
-    grid point is judged on the same seeds), and where it sits in the grid. Failed grid points lose."""
+    grid point is judged on the same seeds), and where it sits in the grid. Failed grid points lose;
+    points not run yet are left out (a preset with none run gets its grid's middle, marked not ok)."""
     best: dict[str, dict] = {}
     for preset in dict.fromkeys(g.preset for g in groups):
-        grid = [g for g in groups if g.preset == preset and g.steps == steps]
+        planned = sorted(g.lr for g in groups if g.preset == preset and g.steps == steps)
+        grid = [g for g in groups if g.preset == preset and g.steps == steps
+                and any(r.error != NOT_RUN for r in g.runs)]  # a partial sweep judges what has run
+        if not grid:
+            best[preset] = {"lr": planned[(len(planned) - 1) // 2], "grid": [], "edge": "", "ok": False}
+            continue
         scored = []
         for g in grid:
             runs = [r for r in g.runs if seeds is None or r.seed in seeds]

@@ -23,7 +23,7 @@ COLUMNS = ["preset", "lr", "lr_grid", "lr_note", "seeds", "final_val_mean", "fin
            "non_embedding_params", "flops_per_token", "total_flops", "steps_to_target_curve",
            "steps_to_target_budgets", "step_ratio_vs_baseline", "flops_to_target", "time_to_target_s",
            "tokens_per_s", "wall_time_s"]
-HEADERS = ["preset", "best lr", "lr grid", "best at grid edge?", "seeds", "final val (mean)", "std",
+HEADERS = ["preset", "best lr", "lr grid (run)", "best at grid edge?", "seeds", "final val (mean)", "std",
            "non-emb params", "train FLOPs/token", "total train FLOPs", "steps to target (one schedule)",
            "steps to target (budget runs)", "baseline steps / steps", "train FLOPs to target",
            "train time to target (s)", "tokens/s", "wall time (s)"]
@@ -195,8 +195,8 @@ def write_sweep_report(groups: Sequence[Group], best: dict[str, dict], costs: di
     write_csv(grid, GRID_COLUMNS, paths["grid"])
     runs = [{"preset": g.preset, "lr": g.lr, "steps": g.steps, "seed": r.seed,
              "final_val_loss": r.final_val_loss if r.ok else None, "wall_time_s": r.wall_time_s,
-             "tokens_per_s": r.tokens_per_s, "error": (r.error or "").strip().splitlines()[-1:] and
-             (r.error or "").strip().splitlines()[-1]} for g in groups for r in g.runs]
+             "tokens_per_s": r.tokens_per_s, "error": ((r.error or "").strip().splitlines() or [""])[-1]}
+            for g in groups for r in g.runs]
     write_csv(runs, ["preset", "lr", "steps", "seed", "final_val_loss", "wall_time_s", "tokens_per_s", "error"],
               paths["runs"])
     table = markdown(rows, COLUMNS, HEADERS)

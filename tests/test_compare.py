@@ -18,6 +18,7 @@ from letngpt.config import ConfigError
 from letngpt.presets import get_config
 from letngpt.report import Result, pick_baseline, step_ratio, steps_to_target, training_time_at
 from letngpt.sweep import (
+    NOT_RUN,
     Group,
     Spec,
     budget_steps_to_target,
@@ -295,6 +296,9 @@ def test_sweep_grid_on_one_seed_then_best_lr_on_all_seeds_and_budgets(tmp_path, 
     assert float(ngpt["step_ratio_vs_baseline"]) == pytest.approx(2 ** 0.5, rel=1e-3)
     assert float(gpt["total_flops"]) == pytest.approx(float(gpt["flops_per_token"]) * 32 * 12 * 64)
     assert (out / "val_loss_flops.png").read_bytes()[:8] == PNG_SIGNATURE
+    with open(out / "runs.csv", newline="") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 21 and all(r["error"] == "" and float(r["final_val_loss"]) > 0 for r in runs)
 
     (out / "calls.txt").unlink()  # the same command again: every run is reused, nothing trains
     assert compare_main(argv) == 0
@@ -344,6 +348,13 @@ def test_best_lr_on_mean_over_grid_seeds_and_grid_edges():
     assert choose_best(groups, 30, seeds=[2])["char_GPT"]["lr"] == 3e-3
     groups[1].runs[0].error = "diverged"
     assert choose_best(groups, 30)["char_GPT"]["lr"] == 1e-2
+    # A partial sweep (--report_only) judges the grid points that have run, and says which ones those are.
+    groups[2].runs = [Result(preset="char_GPT", lr=1e-2, seed=s, error=NOT_RUN) for s in (1, 2)]
+    assert choose_best(groups, 30)["char_GPT"] == {"lr": 1e-3, "grid": [1e-3, 3e-3], "edge": "lowest in grid",
+                                                   "ok": True}
+    for g in groups[3:]:
+        g.runs = [Result(preset="char_nGPT", lr=g.lr, seed=1, error=NOT_RUN)]
+    assert choose_best(groups, 30)["char_nGPT"] == {"lr": 3e-3, "grid": [], "edge": "", "ok": False}
 
 
 def test_lr_grids_parse_per_preset_with_a_default():
