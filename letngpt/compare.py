@@ -121,7 +121,8 @@ def check(ns: argparse.Namespace, extras: list[str]) -> Plan:
         get_config(preset)  # a clear error for an unknown name
     grids = parse_lr_grids(ns.lrs, presets)
     seeds, budgets = parse_seeds(ns.seeds), parse_budgets(ns.budgets, ns.max_iters)
-    grid_seeds, budget_seeds = ns.grid_seeds or len(seeds), ns.budget_seeds or len(seeds)
+    grid_seeds = len(seeds) if ns.grid_seeds is None else ns.grid_seeds
+    budget_seeds = len(seeds) if ns.budget_seeds is None else ns.budget_seeds
     if not 1 <= grid_seeds <= len(seeds) or not 1 <= budget_seeds <= len(seeds):
         raise ConfigError(f"--grid_seeds and --budget_seeds must lie in 1..{len(seeds)} (the number of --seeds)")
     _, overrides, action = split_args(extras)

@@ -395,6 +395,7 @@ def test_seeds_and_budgets_parse():
     (["--lrs", "tiny_LETNGPT_maps5=1e-3"], "not one of --presets"),
     (["--seeds", "0"], "--seeds"),
     (["--seeds", "2", "--grid_seeds", "3"], "--grid_seeds"),
+    (["--seeds", "2", "--budget_seeds", "0"], "--budget_seeds"),
     (["--budgets", "100,500", "--max_iters", "200"], "--budgets"),
     (["--jobs", "0"], "--jobs"),
     (["--threads", "0"], "--threads"),
