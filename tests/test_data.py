@@ -453,3 +453,12 @@ def test_sampling_decodes_chars_and_rejects_unknown_prompt_chars(tmp_path, monke
     assert sample.main(["--ckpt", "x", "--prompt", "ROMEO:"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: character 'R' is not in the 8-character vocabulary") and err.count("\n") == 1
+
+
+def test_builtin_folders_prepare_on_first_use(tmp_path, monkeypatch):
+    """`python train.py --config char_GPT` in a fresh checkout prepares data/tinyshakespeare_char itself."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LETNGPT_SHAKESPEARE", str(shared("tinyshakespeare.txt")))
+    assert not prepare.ensure_builtin("data/mytext") and not (tmp_path / "data").exists()
+    assert prepare.ensure_builtin("data/tinyshakespeare_char/")
+    assert json.loads((tmp_path / "data/tinyshakespeare_char/meta.json").read_text())["tokenizer"] == "char"
