@@ -125,10 +125,12 @@ def plot(best: Sequence[Group], budgets: dict[str, list[Group]], costs: dict[str
     fig, fig_f = Figure(figsize=(6 * panels, 4.8), dpi=110), Figure(figsize=(7, 4.8), dpi=110)
     FigureCanvasAgg(fig), FigureCanvasAgg(fig_f)
     axes, ax_f = fig.subplots(1, panels, sharey=True), fig_f.subplots()
+    shown: list[float] = []  # the y range leaves out step 0 (~ln(vocab)), which would squash the rest
     for g in best:
         steps, mean, std, times = g.mean_curve()
         if not steps:
             continue
+        shown += [m for s, m in zip(steps, mean, strict=True) if s > 0] or mean
         label = f"{g.preset} (lr {g.lr:g}, {len(g.ok_runs)} seeds)"
         _band(axes[0], steps, mean, std, label)
         if all(math.isfinite(t) for t in times):
@@ -137,6 +139,7 @@ def plot(best: Sequence[Group], budgets: dict[str, list[Group]], costs: dict[str
         _band(ax_f, [s * c["flops_per_token"] * c["tokens_per_step"] for s in steps], mean, std, label)
         if panels == 3 and budgets.get(g.preset):
             pts = sorted((b.steps, b.final_mean, b.final_std) for b in [*budgets[g.preset], g] if b.ok)
+            shown += [p[1] + p[2] for p in pts]
             axes[2].errorbar([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], marker="o",
                              capsize=3, label=g.preset)
     labels = ["optimizer steps", "training time (s, sum of step times)", "step budget (separate runs)"]
@@ -145,6 +148,10 @@ def plot(best: Sequence[Group], budgets: dict[str, list[Group]], costs: dict[str
             ax.axhline(target, color="gray", linestyle="--", linewidth=1, label="target (baseline final)")
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
+    if shown:
+        pad = 0.05 * (max(shown) - min(shown)) or 0.05
+        for ax in (axes[0], ax_f):  # axes share y
+            ax.set_ylim(min(shown) - pad, max(shown) + pad)
     if panels == 3:
         axes[2].set_xscale("log")
     ax_f.set_xscale("log")
