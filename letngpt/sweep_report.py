@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -136,7 +137,9 @@ def plot(best: Sequence[Group], budgets: dict[str, list[Group]], costs: dict[str
         if all(math.isfinite(t) for t in times):
             _band(axes[1], times, mean, std, label)
         c = costs[g.preset]
-        _band(ax_f, [s * c["flops_per_token"] * c["tokens_per_step"] for s in steps], mean, std, label)
+        at = [i for i, s in enumerate(steps) if s > 0]  # log axis: step 0 has no place on it
+        _band(ax_f, [steps[i] * c["flops_per_token"] * c["tokens_per_step"] for i in at], [mean[i] for i in at],
+              [std[i] for i in at], label)
         if panels == 3 and budgets.get(g.preset):
             pts = sorted((b.steps, b.final_mean, b.final_std) for b in [*budgets[g.preset], g] if b.ok)
             shown += [p[1] + p[2] for p in pts]
@@ -159,8 +162,8 @@ def plot(best: Sequence[Group], budgets: dict[str, list[Group]], costs: dict[str
     ax_f.set_ylabel("validation loss")
     axes[0].legend(fontsize=7)
     ax_f.legend(fontsize=7)
-    for f in (fig, fig_f):
-        f.suptitle(title, fontsize=9)
+    for f, width in ((fig, 60 * panels), (fig_f, 80)):
+        f.suptitle("\n".join(textwrap.wrap(title, width)), fontsize=9)
         f.tight_layout()
     fig.savefig(paths["png"])
     fig_f.savefig(paths["flops_png"])
