@@ -1,19 +1,30 @@
-"""Convergence comparison: does LET-nGPT reach a given loss in fewer steps (and less time) than nGPT and GPT?
+"""Convergence comparison: does LET-nGPT reach a given loss in fewer steps, FLOPs and time than nGPT and GPT?
 
     python -m letngpt.compare                                      # 4 tiny presets on Tiny Shakespeare
-    python -m letngpt.compare --max_iters 60 --lrs 1e-3,3e-3 --out out/cmp -- --batch_size=4
+    python -m letngpt.compare --data_dir data/tinyshakespeare_char --max_iters 2000 --eval_interval 250 \
+        --presets char_GPT,char_nGPT,char_LETNGPT --lrs char_GPT=1e-3,3e-3,1e-2 --lrs 3e-3,1e-2,3e-2 \
+        --seeds 3 --grid_seeds 1 --budgets 250,500,1000 --jobs 2 --out out/char
 
-Each (preset, learning rate) is trained by its own `train.py` process (torchrun when --nproc > 1) with the
-same step budget, data and schedule length, and logged as an MLflow child run under one parent run. The
-report folder gets val_loss.png, results.csv/.md (see letngpt.report for the definitions), sweep.csv and
-results.json; the markdown table is printed last. A failed run is reported and the others still run; the
-exit code is 1 if any failed, 2 for a bad command line.
+A sweep: every (preset, learning rate) of the grid trains on the first --grid_seeds seeds at the full
+budget; each preset's best lr (lowest mean final val loss) then trains on every seed, and at each of
+--budgets steps as a separate run with its own full cosine schedule (letngpt.sweep has the rules). Each
+run is its own `train.py` process (torchrun when --nproc > 1; --jobs at a time, each with --threads torch
+threads) in OUT/runs/<preset>_lr<lr>_seed<seed>_it<steps>, logged as an MLflow child run under one parent
+run. A finished run whose flags match is reused, so rerunning an interrupted command finishes it.
+
+The report folder gets results.md/.csv (one row per preset: best lr, mean +- std, parameters, FLOPs,
+steps to the baseline's loss), grid.csv and runs.csv (every group and run), val_loss.png (mean +- std
+band against steps, time and budget), val_loss_flops.png and results.json; the table is printed last.
+A failed run is reported and the others still run; the exit code is 1 if any failed, 2 for a bad
+command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -22,13 +33,19 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli import parse, split_args
-from .config import ConfigError, canonical_key
+from .config import ConfigError, RunConfig, canonical_key
+from .data import DataError
 from .metrics import read_records
 from .presets import get_config
-from .report import Result, pick_baseline, training_time_at, write_report
+from .report import Result, pick_baseline, training_time_at
+from .sweep import NOT_RUN, Spec, choose_best, group_results, model_costs, parse_budgets, parse_lr_grids, parse_seeds
+from .sweep_report import write_sweep_report
 from .tracking import Tracker, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +58,7 @@ DEFAULT_PRESETS = "tiny_GPT,tiny_nGPT,tiny_LETNGPT,tiny_LETTransformer"
 DEFAULT_FLAGS = ["--log_interval=1", "--keep_checkpoints=1"]
 # Set by the comparison itself so every variant gets the same budget and lands in the same place.
 CONTROLLED = {"config", "out_dir", "data_dir", "tracking_uri", "experiment", "parent_run_id", "max_iters",
-              "lr_decay_iters", "eval_interval", "eval_iters", "init_from"}
+              "lr_decay_iters", "eval_interval", "eval_iters", "init_from", "seed"}
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -51,11 +68,23 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         i = argv.index("--")
         argv, extras = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(prog="python -m letngpt.compare", description=__doc__.split("\n")[0])
-    p.add_argument("--data_dir", default=DEFAULT_DATA, help="prepared dataset (the default is prepared if missing)")
+    p.add_argument("--data_dir", default=DEFAULT_DATA, help="prepared dataset (built-in ones are prepared if missing)")
     p.add_argument("--presets", default=DEFAULT_PRESETS, help="comma-separated presets")
-    p.add_argument("--max_iters", type=int, default=200, help="step budget, the same for every run")
-    p.add_argument("--lrs", default="", help="learning rates to sweep per preset, e.g. 1e-3,3e-3 (default: preset's)")
-    p.add_argument("--out", default="out/compare", help="report folder; runs go to OUT/runs/")
+    p.add_argument("--max_iters", type=int, default=200, help="full step budget, the same for every run")
+    p.add_argument("--lrs", action="append", default=[], metavar="[PRESET=]LR,LR,...",
+                   help="learning-rate grid; PRESET=... for one preset (repeatable), a bare list for the rest "
+                        "(default: the preset's rate)")
+    p.add_argument("--seeds", default="1", help="a count N (seeds 1337..1337+N-1) or a list 1,2,3 ('42,' = 42)")
+    p.add_argument("--grid_seeds", type=int, default=None,
+                   help="run the lr grid on the first K seeds only, then the best lr on all (default: all)")
+    p.add_argument("--budgets", default="", help="smaller step budgets, e.g. 250,500,1000: separate runs at the best "
+                                                  "lr, each with its own full schedule, for steps-to-target")
+    p.add_argument("--budget_seeds", type=int, default=None, help="seeds per budget run (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1: sequential)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores // jobs)")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: report the finished runs in OUT/runs (a snapshot of a running sweep)")
+    p.add_argument("--out", default="out/compare", help="report folder; runs in OUT/runs/ (finished ones reused)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     p.add_argument("--eval_interval", type=int, default=None, help="default: max_iters // 10")
     p.add_argument("--eval_iters", type=int, default=None, help="validation batches per eval (default: preset's)")
@@ -64,56 +93,88 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_args(argv), extras
 
 
-def check(ns: argparse.Namespace, extras: list[str]) -> tuple[list[str], dict[str, list[float]], str | None]:
-    """Validate everything before training anything: presets, flags, lrs. Returns presets, lrs per preset
-    and the baseline. Raises ConfigError with a one-line message."""
+@dataclass
+class Plan:
+    """What a sweep will run, validated before anything trains."""
+
+    presets: list[str]
+    grids: dict[str, list[float]]  # lrs per preset (the preset's own rate when not swept)
+    swept: set[str]  # presets whose lr comes from --lrs
+    seeds: list[int]
+    grid_seeds: int
+    budgets: list[int]
+    budget_seeds: int
+    baseline: str | None
+    configs: dict[str, RunConfig] = field(default_factory=dict)  # preset + pass-through flags, full budget
+
+
+def check(ns: argparse.Namespace, extras: list[str]) -> Plan:
+    """Validate everything before training anything: presets, flags, grids, seeds, budgets. Raises
+    ConfigError with a one-line message."""
     presets = [p.strip() for p in ns.presets.split(",") if p.strip()]
     if not presets or len(set(presets)) != len(presets):
         raise ConfigError(f"--presets ({ns.presets!r}) must name distinct presets")
-    if ns.max_iters < 1 or ns.nproc < 1:
-        raise ConfigError("--max_iters and --nproc must be >= 1")
-    _, overrides, action = split_args(extras)
-    clash = sorted({canonical_key(k) for k in overrides} & (CONTROLLED | ({"learning_rate"} if ns.lrs else set())))
-    if action != "train" or clash:
-        raise ConfigError(f"pass-through flags may not set {', '.join(clash) or action}: use compare's own options")
-    try:
-        sweep = [float(x) for x in ns.lrs.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--lrs ({ns.lrs!r}) must be comma-separated numbers") from None
-    if any(lr <= 0 for lr in sweep):
-        raise ConfigError(f"--lrs ({ns.lrs!r}) must be > 0")
-    lrs = {}
+    if min(ns.max_iters, ns.nproc, ns.jobs, 1 if ns.threads is None else ns.threads) < 1:
+        raise ConfigError("--max_iters, --nproc, --jobs and --threads must be >= 1")
     for preset in presets:
         get_config(preset)  # a clear error for an unknown name
-        flags = [f"--config={preset}", *DEFAULT_FLAGS, *extras, *budget_flags(ns)]
-        lrs[preset] = sweep or [parse(flags).run.train.learning_rate]
-        for lr in sweep:  # each run's full configuration is valid
-            parse([*flags, f"--learning_rate={lr!r}"])
-    baseline = ns.baseline or pick_baseline(presets)
+    grids = parse_lr_grids(ns.lrs, presets)
+    seeds, budgets = parse_seeds(ns.seeds), parse_budgets(ns.budgets, ns.max_iters)
+    grid_seeds = len(seeds) if ns.grid_seeds is None else ns.grid_seeds
+    budget_seeds = len(seeds) if ns.budget_seeds is None else ns.budget_seeds
+    if not 1 <= grid_seeds <= len(seeds) or not 1 <= budget_seeds <= len(seeds):
+        raise ConfigError(f"--grid_seeds and --budget_seeds must lie in 1..{len(seeds)} (the number of --seeds)")
+    _, overrides, action = split_args(extras)
+    clash = sorted({canonical_key(k) for k in overrides} & (CONTROLLED | ({"learning_rate"} if grids else set())))
+    if action != "train" or clash:
+        raise ConfigError(f"pass-through flags may not set {', '.join(clash) or action}: use compare's own options")
+    plan = Plan(presets, {}, set(grids), seeds, grid_seeds, budgets, budget_seeds, None)
+    for preset in presets:
+        plan.configs[preset] = parse(run_flags(Spec(preset, 0.0, seeds[0], ns.max_iters), plan, ns, extras)).run
+        plan.grids[preset] = grids.get(preset) or [plan.configs[preset].train.learning_rate]
+        for lr in plan.grids[preset]:  # each run's full configuration is valid, at every budget
+            for steps in [ns.max_iters, *budgets]:
+                parse(run_flags(Spec(preset, lr, seeds[0], steps), plan, ns, extras))
+    plan.baseline = ns.baseline or pick_baseline(presets)
     if ns.baseline and ns.baseline not in presets:
         raise ConfigError(f"--baseline {ns.baseline!r} is not one of --presets")
-    return presets, lrs, baseline
+    return plan
 
 
-def eval_interval(ns: argparse.Namespace) -> int:
+def run_flags(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str]) -> list[str]:
+    """train.py flags of one run: the same data, evaluation and schedule shape for every variant. A swept
+    lr keeps the preset's min_lr / lr ratio (nanoGPT's lr / 10) unless the pass-through flags set min_lr."""
+    flags = [f"--config={spec.preset}", *DEFAULT_FLAGS, *extras, *budget_flags(ns, spec.steps),
+             f"--seed={spec.seed}"]
+    if spec.preset in plan.swept and spec.lr > 0:
+        flags.append(f"--learning_rate={spec.lr!r}")
+        base = plan.configs.get(spec.preset)
+        if base and base.train.min_lr and "min_lr" not in {canonical_key(k) for k in split_args(extras)[1]}:
+            flags.append(f"--min_lr={base.train.min_lr * spec.lr / base.train.learning_rate!r}")
+    return flags
+
+
+def eval_interval(ns: argparse.Namespace, steps: int | None = None) -> int:
+    """Full-budget runs evaluate every --eval_interval steps; shorter budget runs only at start and end."""
+    if steps is not None and steps != ns.max_iters:
+        return steps
     return ns.eval_interval or max(1, ns.max_iters // 10)
 
 
-def budget_flags(ns: argparse.Namespace) -> list[str]:
+def budget_flags(ns: argparse.Namespace, steps: int) -> list[str]:
     """Same steps, same cosine schedule length, same evaluation for every variant."""
-    flags = [f"--max_iters={ns.max_iters}", f"--lr_decay_iters={ns.max_iters}", f"--eval_interval={eval_interval(ns)}"]
+    flags = [f"--max_iters={steps}", f"--lr_decay_iters={steps}", f"--eval_interval={eval_interval(ns, steps)}"]
     return flags + ([f"--eval_iters={ns.eval_iters}"] if ns.eval_iters else [])
 
 
-def train_command(preset: str, lr: float | None, run_dir: Path, ns: argparse.Namespace, extras: list[str],
+def train_command(spec: Spec, plan: Plan, run_dir: Path, ns: argparse.Namespace, extras: list[str],
                   data_dir: Path, uri: str, parent_id: str | None) -> list[str]:
     launcher = [sys.executable]
     if ns.nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ns.nproc}"]
-    return [*launcher, str(TRAIN_PY), f"--config={preset}", *DEFAULT_FLAGS, *extras, *budget_flags(ns),
-            f"--data_dir={data_dir}", f"--out_dir={run_dir}", "--init_from=scratch", f"--tracking_uri={uri}",
-            f"--experiment={EXPERIMENT}", *([f"--parent_run_id={parent_id}"] if parent_id else []),
-            *([f"--learning_rate={lr!r}"] if lr is not None else [])]
+    return [*launcher, str(TRAIN_PY), *run_flags(spec, plan, ns, extras), f"--data_dir={data_dir}",
+            f"--out_dir={run_dir}", "--init_from=scratch", f"--tracking_uri={uri}", f"--experiment={EXPERIMENT}",
+            *([f"--parent_run_id={parent_id}"] if parent_id else [])]
 
 
 def tail(text: str, lines: int = 30) -> str:
@@ -139,27 +200,72 @@ def val_curve(uri: str, run_id: str | None, metrics_file: Path) -> dict[int, flo
     return dict(sorted(points.items()))
 
 
-def run_variant(preset: str, lr: float, sweep: bool, ns: argparse.Namespace, extras: list[str], data_dir: Path,
-                out: Path, uri: str, parent_id: str | None) -> Result:
-    """Train one (preset, lr) from scratch in OUT/runs/<preset>_lr<lr> and collect its curve and speed."""
-    run_dir = out / "runs" / f"{preset}_lr{lr:g}"
-    if run_dir.exists():  # a previous comparison's run: this one starts from scratch
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    cmd = train_command(preset, lr if sweep else None, run_dir, ns, extras, data_dir, uri, parent_id)
-    (run_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
-    stdout_log, stderr_log = run_dir / "stdout.log", run_dir / "stderr.log"
-    print(f"training {preset} lr {lr:g} (log: {stdout_log})", flush=True)
-    start = time.time()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(stdout_log, "w") as out_f, open(stderr_log, "w") as err_f:  # files: `tail -f` shows progress
-        returncode = subprocess.run(cmd, cwd=Path.cwd(), env=env, stdout=out_f, stderr=err_f).returncode
-    stdout, stderr = stdout_log.read_text(errors="replace"), stderr_log.read_text(errors="replace")
-    result = Result(preset=preset, lr=lr)
+# The files whose content decides what a run computes; their hash is stored with each run, and a reused run
+# trained with other code gets a warning (delete its folder to retrain it).
+NUMERICS = ["model.py", "engine.py", "schedule.py", "renorm/collective.py", "renorm/naive.py", "kernels.py",
+            "data/loader.py"]
+
+
+def code_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for name in NUMERICS:
+        path = ROOT / "letngpt" / name
+        digest.update(path.read_bytes() if path.exists() else b"missing")
+    return digest.hexdigest()[:12]
+
+
+def reuse(run_dir: Path, key: str, steps: int) -> bool:
+    """True when run_dir holds a finished run of exactly this command (resuming an interrupted sweep)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return (run_dir / "spec.txt").read_text() == key and summary.get("final_step") == steps
+    except (OSError, ValueError):
+        return False
+
+
+def run_variant(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str], data_dir: Path, out: Path,
+                uri: str, parent_id: str | None) -> Result:
+    """Train one Spec from scratch in OUT/runs/<name> (or reuse its finished run) and collect its curve."""
+    run_dir = out / "runs" / spec.name
+    cmd = train_command(spec, plan, run_dir, ns, extras, data_dir, uri, parent_id)
+    key = shlex.join(run_flags(spec, plan, ns, extras) + [f"--data_dir={data_dir}"]) + "\n"
+    label = f"{spec.preset} lr {spec.lr:g} seed {spec.seed} {spec.steps} steps"
+    start, returncode = time.time(), 0
+    if reuse(run_dir, key, spec.steps):
+        made_with = (run_dir / "code.txt").read_text().strip() if (run_dir / "code.txt").exists() else "unknown"
+        stale = "" if made_with == code_fingerprint() else f"; WARNING: trained with other model code ({made_with})"
+        print(f"reusing {label} ({run_dir}){stale}", flush=True)
+    elif ns.report_only:
+        return Result(preset=spec.preset, lr=spec.lr, seed=spec.seed, budget=spec.steps, error=NOT_RUN)
+    else:
+        if run_dir.exists():  # unfinished or different: this one starts from scratch
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        (run_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
+        print(f"training {label} (log: {run_dir / 'stdout.log'})", flush=True)
+        threads = ns.threads or max(1, (os.cpu_count() or 1) // ns.jobs)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+        with open(run_dir / "stdout.log", "w") as out_f, open(run_dir / "stderr.log", "w") as err_f:
+            returncode = subprocess.run(cmd, cwd=Path.cwd(), env=env, stdout=out_f, stderr=err_f).returncode
+        if returncode == 0:
+            (run_dir / "code.txt").write_text(code_fingerprint() + "\n")
+            (run_dir / "spec.txt").write_text(key)  # last: only a finished run is ever reused
+    result = collect(run_dir, uri, returncode, Result(preset=spec.preset, lr=spec.lr, seed=spec.seed,
+                                                      budget=spec.steps))
+    if result.error:
+        print(f"FAILED {label} after {time.time() - start:.0f}s:\n{result.error}", file=sys.stderr, flush=True)
+    else:
+        print(f"done {label}: final val loss {result.losses[-1]:.4f} in {time.time() - start:.0f}s", flush=True)
+    return result
+
+
+def collect(run_dir: Path, uri: str, returncode: int, result: Result) -> Result:
+    """Fill `result` from a run folder: val curve, training time per eval step, speed; or the error."""
+    stdout = (run_dir / "stdout.log").read_text(errors="replace")
+    stderr = (run_dir / "stderr.log").read_text(errors="replace") if (run_dir / "stderr.log").exists() else ""
     summary_file = run_dir / "summary.json"
     if returncode != 0 or not summary_file.exists():
         result.error = f"exit code {returncode}\n" + tail(stderr or stdout)
-        print(f"FAILED {preset} lr {lr:g} after {time.time() - start:.0f}s:\n{result.error}", file=sys.stderr)
         return result
     summary = json.loads(summary_file.read_text())
     result.run_id, result.wall_time_s = summary.get("tracking_run_id"), summary.get("wall_time_s")
@@ -170,10 +276,18 @@ def run_variant(preset: str, lr: float, sweep: bool, ns: argparse.Namespace, ext
     speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
     result.tokens_per_s = statistics.median(speeds) if speeds else summary.get("tokens_per_s")
     if not result.losses:
-        result.error = "finished, but no val/loss point in MLflow or in the log"
-    final = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
-    print(f"done {preset} lr {lr:g}: final val loss {final} in {time.time() - start:.0f}s", flush=True)
+        result.error = "finished, but no val/loss point in MLflow or in metrics.jsonl"
+    elif not math.isfinite(result.losses[-1]):
+        result.error = f"diverged: final val loss {result.losses[-1]}"
     return result
+
+
+def run_all(specs: list[Spec], run: Callable[[Spec], Result], jobs: int) -> list[Result]:
+    """Every spec, `jobs` at a time (threads waiting on training processes), results in spec order."""
+    if jobs <= 1 or len(specs) <= 1:
+        return [run(s) for s in specs]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(run, specs))
 
 
 def machine() -> str:
@@ -183,69 +297,116 @@ def machine() -> str:
     return f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPU cores, {device}, torch {torch.__version__}"
 
 
-def log_to_parent(tracker: Tracker, report: dict, best_lrs: dict[str, float], extra: list[Path]) -> None:
+def log_to_parent(tracker: Tracker, report: dict, plan: Plan, extra: list[Path]) -> None:
     """The table as parent-run metrics (`<preset>/<column>`) and params, the report files as artifacts."""
     metrics: dict[str, float | None] = {"target_val_loss": report["target"]}
     for row in report["rows"]:
-        for key in ("final_val_loss", "steps_to_target", "step_ratio_vs_baseline", "time_to_target_s",
-                    "tokens_per_s", "wall_time_s"):
+        for key in ("final_val_mean", "final_val_std", "steps_to_target_curve", "step_ratio_vs_baseline",
+                    "time_to_target_s", "tokens_per_s", "wall_time_s", "lr"):
             metrics[f"{row['preset']}/{key}"] = row[key]
     tracker.log_metrics(metrics, step=0)
-    tracker.log_params({"best_lr": best_lrs})
+    tracker.log_params({"best_lr": {r["preset"]: r["lr"] for r in report["rows"]}})
     for path in [*report["paths"].values(), *extra]:
         tracker.log_artifact(path)
+
+
+def prepare(ns: argparse.Namespace) -> Path:
+    """The data folder; the built-in Tiny Shakespeare folders are prepared when missing."""
+    data_dir = Path(ns.data_dir)
+    if not (data_dir / "meta.json").exists():
+        from .data.prepare import ensure_builtin
+
+        print(f"preparing {data_dir}", flush=True)
+        if not ensure_builtin(ns.data_dir):
+            raise ConfigError(f"--data_dir {ns.data_dir} is not a prepared dataset (no meta.json)")
+    return data_dir.resolve()
+
+
+def grid_order(spec: Spec, plan: Plan) -> tuple[int, int, int]:
+    """Middle of every preset's grid first, then outwards, presets interleaved: an interrupted sweep has
+    compared every preset at one lr before it refines any."""
+    grid = sorted(plan.grids[spec.preset])
+    return abs(grid.index(spec.lr) - (len(grid) - 1) // 2), plan.presets.index(spec.preset), grid.index(spec.lr)
+
+
+def sweep(plan: Plan, ns: argparse.Namespace, run: Callable[[Spec], Result]) -> tuple[list[Spec], list[Result], dict]:
+    """The lr grid on the grid seeds; then, at each preset's best lr, the other seeds and the budget runs."""
+    grid_seeds = plan.seeds[:plan.grid_seeds]
+    specs = [Spec(p, lr, s, ns.max_iters) for p in plan.presets for lr in plan.grids[p] for s in grid_seeds]
+    specs.sort(key=lambda spec: grid_order(spec, plan))
+    results = run_all(specs, run, ns.jobs)
+    best = choose_best(group_results(results, specs), ns.max_iters, grid_seeds)
+    more = [Spec(p, best[p]["lr"], s, ns.max_iters) for p in plan.presets for s in plan.seeds[plan.grid_seeds:]]
+    more += [Spec(p, best[p]["lr"], s, b) for b in plan.budgets for p in plan.presets
+             for s in plan.seeds[:plan.budget_seeds]]
+    return specs + more, results + run_all(more, run, ns.jobs), best
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns, extras = parse_args(argv)
     try:
-        presets, lrs, baseline = check(ns, extras)
-        data_dir = Path(ns.data_dir)
-        if not (data_dir / "meta.json").exists():
-            if ns.data_dir.rstrip("/") != DEFAULT_DATA:
-                raise ConfigError(f"--data_dir {ns.data_dir} is not a prepared dataset (no meta.json)")
-            from .data.prepare import ensure_tinyshakespeare
-
-            print(f"preparing Tiny Shakespeare in {data_dir}", flush=True)
-            ensure_tinyshakespeare(data_dir)
-    except ConfigError as e:
+        plan = check(ns, extras)
+        data_dir = prepare(ns)
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not TRAIN_PY.exists():
         print(f"error: {TRAIN_PY} not found: run from a letngpt checkout", file=sys.stderr)
         return 2
-    data_dir, out = data_dir.resolve(), Path(ns.out).resolve()
+    out = Path(ns.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri = ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out}/mlflow.db"
-    command = shlex.join(["python", "-m", "letngpt.compare", *argv])
-    tracker = Tracker(out, tracking_uri=uri, experiment=EXPERIMENT, run_name=f"compare {','.join(presets)}")
+    command = shlex.join(["python", "-m", "letngpt.compare", *(a for a in argv if a != "--report_only")])
+    tracker = Tracker(out, tracking_uri=uri, experiment=EXPERIMENT, run_name=f"compare {','.join(plan.presets)}",
+                      enabled=not ns.report_only)
     parent_id = tracker.start(
-        params={"presets": ",".join(presets), "max_iters": ns.max_iters, "lrs": ns.lrs or "preset",
-                "baseline": baseline, "data_dir": str(data_dir), "nproc": ns.nproc, "extra_flags": shlex.join(extras),
+        params={"presets": ",".join(plan.presets), "max_iters": ns.max_iters, "lrs": " ".join(ns.lrs) or "preset",
+                "seeds": ns.seeds, "budgets": ns.budgets or "none", "baseline": plan.baseline,
+                "data_dir": str(data_dir), "nproc": ns.nproc, "jobs": ns.jobs, "extra_flags": shlex.join(extras),
                 "eval_interval": eval_interval(ns), "eval_iters": ns.eval_iters or "preset"},
         tags={"kind": "compare", "command": command, "git_commit": git_commit() or "unknown"})
     print(f"MLflow: {uri}, experiment {EXPERIMENT}, parent run {parent_id}", flush=True)
-
-    results = [run_variant(p, lr, bool(ns.lrs), ns, extras, data_dir, out, uri, parent_id)
-               for p in presets for lr in lrs[p]]
-    header = (f"# Convergence comparison\n\n`{command}`\n\nData `{data_dir}`, {ns.max_iters} steps per run, "
-              f"{ns.nproc} process(es) per run, on {machine()}, {time.strftime('%Y-%m-%d')}.")
-    report = write_report(results, out, baseline, header=header,
-                          title=f"{data_dir.name}: {ns.max_iters} steps, {', '.join(presets)}")
-    best_lrs = {r.preset: r.lr for r in report["best"]}
-    details = {"parent_run_id": parent_id, "tracking_uri": uri, "experiment": EXPERIMENT, "baseline": baseline,
-               "target_val_loss": report["target"], "rows": report["rows"],
-               "runs": [vars(r) for r in results]}
-    (out / "results.json").write_text(json.dumps(details, indent=2))
-    log_to_parent(tracker, report, best_lrs, [out / "results.json"])
-    failed = [r for r in results if not r.ok]
+    started = time.time()
+    swept = sweep(plan, ns, lambda spec: run_variant(spec, plan, ns, extras, data_dir, out, uri, parent_id))
+    header = (f"# Convergence comparison\n\n`{command}`\n\nData `{data_dir}`, {ns.max_iters} steps per full run, "
+              f"seeds {' '.join(map(str, plan.seeds))}, {ns.nproc} process(es) per run, {ns.jobs} run(s) at a time, "
+              f"on {machine()}, {time.strftime('%Y-%m-%d')}; this invocation took {time.time() - started:.0f} s.")
+    report, done = finish(plan, ns, out, swept, header, data_dir.name,
+                          {"command": command, "parent_run_id": parent_id, "tracking_uri": uri})
+    log_to_parent(tracker, report, plan, [out / "results.json"])
+    failed = [r for r in done if not r.ok]
     tracker.end("FAILED" if failed else "FINISHED")
-    print(f"\nreport: {report['paths']['md']} and {report['paths']['png']}")
+    print(f"\nreport: {report['paths']['md']}, {report['paths']['png']} and {report['paths']['flops_png']}")
     if failed:
-        print(f"{len(failed)} run(s) failed: " + ", ".join(f"{r.preset} lr {r.lr:g}" for r in failed))
+        print(f"{len(failed)} run(s) failed: " + ", ".join(f"{r.preset} lr {r.lr:g} seed {r.seed}" for r in failed))
     print(report["table"], flush=True)
     return 1 if failed else 0
+
+
+def finish(plan: Plan, ns: argparse.Namespace, out: Path, swept: tuple[list[Spec], list[Result], dict],
+           header: str, data_name: str, ids: dict) -> tuple[dict, list[Result]]:
+    """Group the finished runs, write the report files (letngpt.sweep_report) and results.json; returns the
+    report and the finished runs (--report_only leaves the others out, listed as not run yet)."""
+    specs, results, best = swept
+    done = [(s, r) for s, r in zip(specs, results, strict=True) if r.error != NOT_RUN]
+    missing = [s.name for s, r in zip(specs, results, strict=True) if r.error == NOT_RUN]
+    trained = sum(r.wall_time_s or 0.0 for _, r in done)
+    header += f" Training loops of the {len(done)} finished runs: {trained / 3600:.2f} h in all (sum of wall times)."
+    if missing:
+        header += (f"\n\n**Partial sweep: {len(done)} of {len(specs)} planned runs finished** (rerun the "
+                   f"command without --report_only to finish it). Not run yet: {', '.join(missing)}.")
+    groups = group_results([r for _, r in done], [s for s, _ in done])
+    costs = {p: model_costs(c.model, c.train.batch_size * c.model.block_size * c.train.gradient_accumulation_steps)
+             for p, c in plan.configs.items()}
+    report = write_sweep_report(groups, best, costs, plan.baseline, ns.max_iters, out, header,
+                                f"{data_name}: {ns.max_iters} steps, {', '.join(plan.presets)}")
+    details = {**ids, "experiment": EXPERIMENT, "baseline": plan.baseline, "target_val_loss": report["target"],
+               "best": best, "costs": costs,
+               "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["rows"]],
+               "grid": report["grid"], "runs": [vars(r) for _, r in done], "not_run_yet": missing}
+    (out / "results.json").write_text(json.dumps(details, indent=2))
+    return report, [r for _, r in done]
 
 
 if __name__ == "__main__":

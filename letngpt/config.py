@@ -40,7 +40,8 @@ class ModelConfig:
     n_embd: int = 1024  # model width d (head size = n_embd / n_head)
     num_maps: int = 1  # M: attention maps per head (1: plain attention; >1: Linear Ensemble Attention)
     use_ngpt: bool = True  # true: nGPT on the hypersphere; false: pre-norm GPT
-    mlp_ratio: int = 4  # SwiGLU hidden width = mlp_ratio * n_embd
+    mlp_ratio: int = 4  # SwiGLU hidden width = mlp_ratio * n_embd (unless mlp_hidden is set)
+    mlp_hidden: int = 0  # SwiGLU hidden width; 0: mlp_ratio * n_embd (parameter-matched presets set it)
     rope_base: float = 10000.0  # RoPE base frequency
     attn_backend: str = "auto"  # auto: flash-attn on CUDA bf16/fp16 when importable, else SDPA
 
@@ -48,6 +49,8 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "num_maps", "mlp_ratio"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, f"{name} ({value}) must be a positive integer")
+        _check(isinstance(self.mlp_hidden, int) and self.mlp_hidden >= 0,
+               f"mlp_hidden ({self.mlp_hidden}) must be an integer >= 0 (0: mlp_ratio * n_embd)")
         _check(self.n_embd % self.n_head == 0,
                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         _check(self.head_dim % 2 == 0, f"head size n_embd/n_head ({self.head_dim}) must be even for RoPE")
@@ -58,6 +61,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """The SwiGLU hidden width: mlp_hidden when set, else mlp_ratio * n_embd."""
+        return self.mlp_hidden or self.mlp_ratio * self.n_embd
 
 
 @dataclass

@@ -15,7 +15,7 @@ from .config import ModelConfig
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights that take part in a matmul per token (the embedding lookup does not)."""
-    d, m, hidden = cfg.n_embd, cfg.num_maps, cfg.mlp_ratio * cfg.n_embd
+    d, m, hidden = cfg.n_embd, cfg.num_maps, cfg.hidden_dim
     attn = (2 * m + 2) * d * d  # M queries, M keys, one value, the output projection
     mlp = 3 * d * hidden  # u, v, down
     return cfg.n_layer * (attn + mlp) + cfg.vocab_size * d

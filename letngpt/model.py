@@ -173,12 +173,12 @@ class LinearEnsembleAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU MLP, hidden 4*d. u and v are separate projections so that a column split
+    """SwiGLU MLP, hidden 4*d by default (cfg.hidden_dim). u and v are separate projections so that a column split
     keeps every hidden unit's (u, v) pair on the same rank."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        d, hidden = cfg.n_embd, cfg.mlp_ratio * cfg.n_embd
+        d, hidden = cfg.n_embd, cfg.hidden_dim
         self.use_ngpt = cfg.use_ngpt
         self.fc_u = nn.Linear(d, hidden, bias=False)
         self.fc_v = nn.Linear(d, hidden, bias=False)

@@ -7,6 +7,17 @@ GPUs), AdamW (0.9, 0.95), clip 1.0. nGPT variants use no weight decay and no war
 the paper prescribes; GPT and LET-Transformer use weight decay 0.1 and 2000 warmup steps.
 
 The `tiny_*` presets are the same four architectures at laptop scale, for CPU work.
+
+The `char_*` presets mirror nanoGPT's shakespeare_char recipes on the character-level Tiny
+Shakespeare (`python -m letngpt.data.prepare --source tinyshakespeare --tokenizer char`, vocab 65):
+`char_*` its CPU recipe (4 layers x 4 heads x 128, context 64, batch 12, 2000 iterations, lr 1e-3
+decaying to 1e-4, 100 warmup, beta2 0.99, wd 0.1; nanoGPT reports val ~1.88) and `char_gpu_*` its
+GPU recipe (6 x 6 x 384, context 256, batch 64, 5000 iterations; val 1.47 with dropout 0.2, which
+this model does not have). nGPT variants again drop weight decay and warmup.
+
+`*_matched` LET presets keep M = 3 maps but shrink the SwiGLU hidden width so that the
+non-embedding parameter count is within 1% of nGPT's: M maps cost (2M + 2) d^2 attention weights
+per layer against nGPT's 4 d^2, and 3 d * hidden in the MLP pays for the difference.
 """
 
 from __future__ import annotations
@@ -30,6 +41,26 @@ def _big(ctx: int, *, use_ngpt: bool, num_maps: int, n_head: int) -> RunConfig:
     return RunConfig(model=model, train=train)
 
 
+def matched_hidden(n_embd: int, num_maps: int, multiple: int = 8) -> int:
+    """SwiGLU hidden width that gives an M-map block nGPT's 16 d^2 weights (4 d^2 attention + 12 d^2
+    MLP): 3 d * hidden = (16 - (2M + 2)) d^2, rounded to `multiple` (kernel-friendly shapes)."""
+    if num_maps > 6:
+        raise ConfigError(f"num_maps ({num_maps}) > 6: the attention alone outweighs nGPT's block")
+    exact = (14 - 2 * num_maps) * n_embd / 3
+    return max(multiple, round(exact / multiple) * multiple)
+
+
+def _matched(make: Callable[[], RunConfig], multiple: int = 8) -> RunConfig:
+    run = make()
+    run.model.mlp_hidden = matched_hidden(run.model.n_embd, run.model.num_maps, multiple)
+    return run
+
+
+# Char-level learning rates (PROVISIONAL until the sweep in docs/ sets them): nGPT's logit scale and
+# eigen learning rates move at lr * sqrt(d), so its best rate at d = 128 is several times GPT's.
+CHAR_LR = {"GPT": 1e-3, "nGPT": 1e-2, "LETNGPT": 1e-2, "LETTransformer": 1e-3}
+
+
 def _tiny(*, use_ngpt: bool, num_maps: int) -> RunConfig:
     """Small enough that `python train.py` finishes in minutes on two CPU cores."""
     model = ModelConfig(vocab_size=50304, block_size=128, n_layer=4, n_head=4, n_embd=128,
@@ -41,6 +72,22 @@ def _tiny(*, use_ngpt: bool, num_maps: int) -> RunConfig:
         batch_size=8, gradient_accumulation_steps=1, grad_clip=1.0,
         eval_interval=50, eval_iters=5, log_interval=10, checkpoint_interval=100,
         data_dir="data/tinyshakespeare", zero_stage=0,
+    )
+    return RunConfig(model=model, train=train)
+
+
+def _char(*, use_ngpt: bool, num_maps: int, lr: float, gpu: bool = False) -> RunConfig:
+    """nanoGPT's config/train_shakespeare_char.py; CPU: the overrides its README gives for a laptop
+    (block 64, batch 12, 4 x 4 x 128, 2000 iterations, eval_iters 20); dropout is not modelled."""
+    layers, width, ctx, batch, iters, evals = (6, 384, 256, 64, 5000, 200) if gpu else (4, 128, 64, 12, 2000, 20)
+    model = ModelConfig(vocab_size=65, block_size=ctx, n_layer=layers, n_head=layers, n_embd=width,
+                        num_maps=num_maps, use_ngpt=use_ngpt)
+    train = TrainConfig(
+        learning_rate=lr, min_lr=lr / 10, max_iters=iters, lr_decay_iters=iters,
+        weight_decay=0.0 if use_ngpt else 0.1, warmup_iters=0 if use_ngpt else 100,
+        batch_size=batch, gradient_accumulation_steps=1, grad_clip=1.0, beta1=0.9, beta2=0.99,
+        eval_interval=250, eval_iters=evals, log_interval=10, checkpoint_interval=iters,
+        data_dir="data/tinyshakespeare_char", zero_stage=0,
     )
     return RunConfig(model=model, train=train)
 
@@ -61,6 +108,16 @@ _PRESETS["tiny_nGPT"] = lambda: _tiny(use_ngpt=True, num_maps=1)
 _PRESETS["tiny_LETNGPT"] = lambda: _tiny(use_ngpt=True, num_maps=3)
 _PRESETS["tiny_LETNGPT_maps5"] = lambda: _tiny(use_ngpt=True, num_maps=5)
 _PRESETS["tiny_LETTransformer"] = lambda: _tiny(use_ngpt=False, num_maps=3)
+_PRESETS["tiny_LETNGPT_matched"] = lambda: _matched(lambda: _tiny(use_ngpt=True, num_maps=3))
+_PRESETS["LETNGPT_1kctx_10k_lr30e-4_matched"] = lambda: _matched(
+    lambda: _big(1024, use_ngpt=True, num_maps=3, n_head=8), multiple=64)
+_CHAR_ARCHS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3), "LETTransformer": (False, 3)}
+for _prefix, _gpu in (("char", False), ("char_gpu", True)):
+    for _arch, (_ngpt, _maps) in _CHAR_ARCHS.items():
+        _PRESETS[f"{_prefix}_{_arch}"] = (
+            lambda n=_ngpt, m=_maps, g=_gpu, a=_arch: _char(use_ngpt=n, num_maps=m, lr=CHAR_LR[a], gpu=g))
+    _PRESETS[f"{_prefix}_LETNGPT_matched"] = (
+        lambda g=_gpu: _matched(lambda: _char(use_ngpt=True, num_maps=3, lr=CHAR_LR["LETNGPT"], gpu=g)))
 
 DEFAULT_PRESET = "tiny_LETNGPT"
 

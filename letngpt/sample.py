@@ -18,6 +18,7 @@ import torch
 
 from . import checkpoint
 from .config import RunConfig
+from .data import DataError
 from .model import LETnGPT, build_model
 
 
@@ -72,6 +73,22 @@ def generate(model: LETnGPT, idx: torch.Tensor, max_new_tokens: int, temperature
     return idx
 
 
+def get_tokenizer(name: str, data_dir: str | None):
+    """`auto`: the dataset's meta.json decides (a char dataset carries its vocabulary, BPE ones name their
+    tiktoken encoding); gpt2 when there is no readable meta.json. `char` needs the meta.json."""
+    from .data.tokenizer import CharTokenizer, get_encoding
+
+    meta_path = Path(data_dir) / "meta.json" if data_dir else None
+    meta = json.loads(meta_path.read_text()) if meta_path and meta_path.is_file() else None
+    if name == "char" or (name == "auto" and meta and meta.get("tokenizer") == "char"):
+        if meta is None:
+            raise DataError(f"--tokenizer char needs the dataset's meta.json ({meta_path} not found); pass --data_dir")
+        return CharTokenizer.from_meta(meta)
+    if name == "auto":
+        name = (meta or {}).get("tokenizer_requested") or "gpt2"
+    return get_encoding(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="run out_dir or checkpoint folder")
@@ -81,18 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--tokenizer", default="gpt2")
+    p.add_argument("--tokenizer", default="auto",
+                   help="auto: the run's dataset meta.json (char vocabulary or tiktoken name), else gpt2")
+    p.add_argument("--data_dir", default=None, help="dataset whose meta.json names the tokenizer (default: the run's)")
     p.add_argument("--print_token_count", action="store_true", help="end with 'generated N tokens'")
     args = p.parse_args(argv)
     try:
-        model, _ = load_model(args.ckpt, args.device)
-    except FileNotFoundError as e:
+        model, state = load_model(args.ckpt, args.device)
+        enc = get_tokenizer(args.tokenizer, args.data_dir or state["config"]["train"].get("data_dir"))
+        ids = enc.encode_ordinary(args.prompt) if hasattr(enc, "encode_ordinary") else enc.encode(args.prompt)
+    except (FileNotFoundError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .data.tokenizer import get_encoding
-
-    enc = get_encoding(args.tokenizer)
-    ids = enc.encode_ordinary(args.prompt) or [enc.eot_token]
+    ids = ids or ([enc.eot_token] if enc.eot_token is not None else [0])
     idx = torch.tensor([ids], device=args.device)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, gen)

@@ -89,11 +89,11 @@ def prepare_data(run: RunConfig, info: DistInfo) -> tuple[TokenData, TokenData]:
     data_dir = run.train.data_dir
 
     def check() -> None:
-        if data_dir.rstrip("/") == DEFAULT_DATA and not (Path(data_dir) / "meta.json").exists():
-            from .data.prepare import ensure_tinyshakespeare
+        if not (Path(data_dir) / "meta.json").exists():
+            from .data.prepare import ensure_builtin  # data/tinyshakespeare (gpt2) and data/tinyshakespeare_char
 
-            log.info("preparing Tiny Shakespeare in %s", data_dir)
-            ensure_tinyshakespeare(data_dir)
+            if ensure_builtin(data_dir):
+                log.info("prepared Tiny Shakespeare in %s", data_dir)
         check_token_ids(data_dir, run.model.vocab_size)
 
     on_rank0(check, is_main=info.is_main)

@@ -390,3 +390,75 @@ def test_ensure_tinyshakespeare_env_and_download_failure(tmp_path, monkeypatch):
     monkeypatch.setenv("LETNGPT_SHAKESPEARE", str(small))
     meta = json.loads((ensure_tinyshakespeare(tmp_path / "ts") / "meta.json").read_text())
     assert meta["source"]["path"] == str(small)
+
+
+# --- character-level datasets (nanoGPT's shakespeare_char) ---------------------------------------------------
+
+
+def test_char_dataset_round_trip_and_meta(tmp_path, capsys):
+    from letngpt.data.tokenizer import CharTokenizer
+
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
+    (tmp_path / "in.txt").write_text(text)
+    assert main(["--source", str(tmp_path / "in.txt"), "--out_dir", str(tmp_path / "c"), "--tokenizer", "char"]) == 0
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["tokenizer"] == "char" and meta["chars"] == sorted(set(text)) and meta["vocab_size"] == len(set(text))
+    tok = CharTokenizer.from_meta(meta)
+    ids = np.concatenate([TokenData(tmp_path / "c", s).tokens() for s in ("train", "val")]).tolist()
+    assert tok.decode(ids) == text  # no EOT, no separator: the split is a cut of the character stream
+    assert len(TokenData(tmp_path / "c", "val")) == len(text) - int(len(text) * 0.9)
+    assert tok.encode("hear me") == [meta["chars"].index(c) for c in "hear me"]
+
+
+def test_char_tokenizer_bad_inputs(tmp_path, capsys):
+    from letngpt.data.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abc\n")
+    with pytest.raises(DataError, match="'z' is not in the 4-character vocabulary"):
+        tok.encode("abz")
+    with pytest.raises(DataError, match="outside"):
+        tok.decode([0, 4])
+    with pytest.raises(DataError, match="chars"):
+        CharTokenizer.from_meta({"tokenizer": "char"})
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["--source", str(tmp_path / "empty.txt"), "--out_dir", str(tmp_path / "e"), "--tokenizer", "char"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: empty corpus") and err.count("\n") == 1
+    (tmp_path / "one.txt").write_text("a")
+    assert main(["--source", str(tmp_path / "one.txt"), "--out_dir", str(tmp_path / "o"), "--tokenizer", "char"]) == 2
+    assert "at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "e" / "meta.json").exists() and not (tmp_path / "o" / "meta.json").exists()
+
+
+def test_tinyshakespeare_char_matches_nanogpt(tmp_path, monkeypatch):
+    monkeypatch.setenv("LETNGPT_SHAKESPEARE", str(shared("tinyshakespeare.txt")))
+    meta = json.loads((ensure_tinyshakespeare(tmp_path / "sc", tokenizer="char") / "meta.json").read_text())
+    # nanoGPT's data/shakespeare_char/prepare.py: 65 characters, 1,003,854 train and 111,540 val tokens.
+    assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (65, 1003854, 111540)
+
+
+def test_sampling_decodes_chars_and_rejects_unknown_prompt_chars(tmp_path, monkeypatch, capsys):
+    import letngpt
+    from letngpt import sample
+
+    (tmp_path / "in.txt").write_text("to be or not to be\n" * 10)
+    assert main(["--source", str(tmp_path / "in.txt"), "--out_dir", str(tmp_path / "c"), "--tokenizer", "char"]) == 0
+    capsys.readouterr()
+    cfg = letngpt.ModelConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    state = {"config": {"train": {"data_dir": str(tmp_path / "c")}}}
+    monkeypatch.setattr(sample, "load_model", lambda path, device: (letngpt.build_model(cfg).eval(), state))
+    assert sample.main(["--ckpt", "x", "--prompt", "to be", "--max_new_tokens", "5"]) == 0
+    printed = capsys.readouterr().out[:-1]  # print's newline
+    assert printed.startswith("to be") and len(printed) == 10 and set(printed) <= set("to ber n\n")
+    assert sample.main(["--ckpt", "x", "--prompt", "ROMEO:"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: character 'R' is not in the 8-character vocabulary") and err.count("\n") == 1
+
+
+def test_builtin_folders_prepare_on_first_use(tmp_path, monkeypatch):
+    """`python train.py --config char_GPT` in a fresh checkout prepares data/tinyshakespeare_char itself."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LETNGPT_SHAKESPEARE", str(shared("tinyshakespeare.txt")))
+    assert not prepare.ensure_builtin("data/mytext") and not (tmp_path / "data").exists()
+    assert prepare.ensure_builtin("data/tinyshakespeare_char/")
+    assert json.loads((tmp_path / "data/tinyshakespeare_char/meta.json").read_text())["tokenizer"] == "char"

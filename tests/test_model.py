@@ -297,7 +297,7 @@ def test_old_state_dict_with_ensemble_scale_loads():
 
 
 def expected_param_count(c: ModelConfig) -> int:
-    d, L, V, M, hidden = c.n_embd, c.n_layer, c.vocab_size, c.num_maps, c.mlp_ratio * c.n_embd
+    d, L, V, M, hidden = c.n_embd, c.n_layer, c.vocab_size, c.num_maps, c.hidden_dim
     per_layer = (2 * M + 2) * d * d + 3 * d * hidden
     if c.use_ngpt:
         per_layer += M * d + 2 * hidden + 2 * d  # s_qk, s_u and s_v, the two alphas

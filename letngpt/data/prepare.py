@@ -3,6 +3,7 @@ r"""Tokenize a corpus into nanoGPT-style `train.bin` / `val.bin` (uint16 token i
     python -m letngpt.data.prepare --source input.txt --out_dir data/mytext
     python -m letngpt.data.prepare --source 'corpus/**/*.txt' --out_dir data/corpus --doc_sep '\n\n\n'
     python -m letngpt.data.prepare --source tinyshakespeare            # -> data/tinyshakespeare
+    python -m letngpt.data.prepare --source tinyshakespeare --tokenizer char  # -> data/tinyshakespeare_char
     python -m letngpt.data.prepare --source openwebtext --num_proc 16  # -> data/openwebtext (letngpt[data])
 
 Policies (also recorded in meta.json):
@@ -15,6 +16,9 @@ Policies (also recorded in meta.json):
   TOKENS is train, the tail is val (nanoGPT's shakespeare style). openwebtext: nanoGPT's split.
 - Encoding: files are read as strict UTF-8; invalid UTF-8 is an error naming the file and the byte
   offset. `--errors replace` substitutes U+FFFD instead.
+- `--tokenizer char` (nanoGPT's shakespeare_char): the vocabulary is the corpus's distinct characters,
+  sorted, listed in meta.json as `chars` (sampling decodes with it); documents are concatenated with
+  no separator and there is no EOT token.
 - Token ids are stored as uint16, so the tokenizer's ids must fit (n_vocab <= 65536).
 - Atomic output: each .bin is written as `<name>.tmp`, fsynced and renamed; meta.json is written
   last (atomically), so a folder with meta.json is complete and one without it is not prepared.
@@ -42,7 +46,7 @@ from tqdm import tqdm
 
 from ..fsutil import atomic_write_text, fsync_path
 from . import DataError
-from .tokenizer import REPO_ROOT, get_encoding
+from .tokenizer import REPO_ROOT, CharTokenizer, get_encoding
 
 log = logging.getLogger("letngpt.data")
 
@@ -51,6 +55,8 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHARED_SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 DEFAULT_NUM_PROC = min(8, os.cpu_count() or 1)
 TAIL_SPLIT = "val = the last {:.4g}% of the token stream (documents in order, EOT after each)"
+# The built-in Tiny Shakespeare folders and their tokenizers: prepared on first use.
+BUILTIN = {"data/tinyshakespeare": "gpt2", "data/tinyshakespeare_char": "char"}
 
 
 def find_text_files(source: str | Path) -> list[Path]:
@@ -184,17 +190,34 @@ def prepare_text(source: str | Path, out_dir: str | Path, *, tokenizer: str = "g
     docs = [d for f in files for d in split_documents(read_text(f, errors), doc_sep)]
     if not docs:
         raise DataError(f"empty corpus: no text in {source}")
-    enc = get_encoding(tokenizer)
-    check_uint16(enc)
-    tokens = np.concatenate(tokenize(docs, enc.name, num_proc or DEFAULT_NUM_PROC))
-    n = len(tokens)  # >= 2: every document has at least one token plus EOT
-    n_train = min(max(int(n * (1 - val_fraction)), 1), n - 1)
     source_info = {"type": "text", "path": str(source), "files": len(files), "documents": len(docs),
                    "doc_sep": doc_sep, "errors": errors}
-    meta = base_meta(enc, tokenizer, source_info, TAIL_SPLIT.format(100 * val_fraction))
+    if tokenizer == "char":
+        tokens, meta = char_tokens(docs, source_info, val_fraction)
+    else:
+        enc = get_encoding(tokenizer)
+        check_uint16(enc)
+        tokens = np.concatenate(tokenize(docs, enc.name, num_proc or DEFAULT_NUM_PROC))
+        meta = base_meta(enc, tokenizer, source_info, TAIL_SPLIT.format(100 * val_fraction))
+    n = len(tokens)
+    if n < 2:
+        raise DataError(f"corpus {source} has {n} token(s); need at least 2 to split into train and val")
+    n_train = min(max(int(n * (1 - val_fraction)), 1), n - 1)
     meta["val_fraction"] = val_fraction
     splits = {"train": ([tokens[:n_train]], n_train), "val": ([tokens[n_train:]], n - n_train)}
     return write_dataset(out_dir, splits, meta)
+
+
+def char_tokens(docs: list[str], source_info: dict, val_fraction: float) -> tuple[np.ndarray, dict]:
+    """Character ids of the concatenated documents and the meta.json fields of a char dataset."""
+    text = "".join(docs)
+    tok = CharTokenizer.from_text(text)
+    if tok.n_vocab - 1 > np.iinfo(TOKEN_DTYPE).max:
+        raise DataError(f"{tok.n_vocab} distinct characters; ids above 65535 do not fit uint16")
+    meta = {"tokenizer": "char", "tokenizer_requested": "char", "vocab_size": tok.n_vocab, "eot_token": None,
+            "chars": tok.chars, "dtype": np.dtype(TOKEN_DTYPE).name, "source": source_info,
+            "split": f"val = the last {100 * val_fraction:.4g}% of the characters (nanoGPT's shakespeare_char)"}
+    return np.array(tok.encode(text), dtype=TOKEN_DTYPE), meta
 
 
 def prepare_openwebtext(out_dir: str | Path, *, tokenizer: str = "gpt2", num_proc: int | None = None) -> dict:
@@ -251,8 +274,17 @@ def _shakespeare_text(tmp: Path) -> Path:
     return dest
 
 
-def ensure_tinyshakespeare(data_dir: str | Path = "data/tinyshakespeare") -> Path:
-    """Prepare Tiny Shakespeare (GPT-2 tokens) into `data_dir` unless it is already prepared.
+def ensure_builtin(data_dir: str | Path) -> bool:
+    """Prepare `data_dir` if it is one of the BUILTIN folders and not prepared yet; False if it is not one."""
+    tokenizer = BUILTIN.get(str(data_dir).rstrip("/"))
+    if tokenizer is None:
+        return False
+    ensure_tinyshakespeare(data_dir, tokenizer=tokenizer)
+    return True
+
+
+def ensure_tinyshakespeare(data_dir: str | Path = "data/tinyshakespeare", tokenizer: str = "gpt2") -> Path:
+    """Prepare Tiny Shakespeare (GPT-2 tokens, or characters) into `data_dir` unless it is already prepared.
 
     Safe under concurrent calls (e.g. several ranks): each call prepares into its own temp folder
     beside `data_dir`, then renames the .bin files and meta.json (last) into place. The output is
@@ -264,7 +296,7 @@ def ensure_tinyshakespeare(data_dir: str | Path = "data/tinyshakespeare") -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.", dir=data_dir.parent))
     try:
         text = _shakespeare_text(tmp)
-        prepare_text(text, tmp, tokenizer="gpt2", val_fraction=0.1, num_proc=1)
+        prepare_text(text, tmp, tokenizer=tokenizer, val_fraction=0.1, num_proc=1)
         data_dir.mkdir(exist_ok=True)
         if not (data_dir / "meta.json").exists():  # another process may have finished meanwhile
             for name in ("train.bin", "val.bin", "meta.json"):
@@ -279,10 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="letngpt-prepare", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--source", required=True,
-                   help="text file, folder (*.txt below it), glob, 'tinyshakespeare' (always gpt2) "
+                   help="text file, folder (*.txt below it), glob, 'tinyshakespeare' (gpt2 or char) "
                         "or 'openwebtext'")
     p.add_argument("--out_dir", help="output folder (default data/<source> for the built-in sources)")
-    p.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding (default gpt2)")
+    p.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding (default gpt2), or char")
     p.add_argument("--val_fraction", type=float, default=0.1, help="tail of the token stream held out")
     p.add_argument("--doc_sep", help=r"split files into documents on this string (\n, \t unescaped)")
     p.add_argument("--errors", choices=["strict", "replace"], default="strict", help="bad UTF-8 policy")
@@ -291,9 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # stderr: errors only
     try:
         if args.source == "tinyshakespeare":
-            out = ensure_tinyshakespeare(args.out_dir or "data/tinyshakespeare")
+            if args.tokenizer not in ("gpt2", "char"):
+                raise DataError(f"--source tinyshakespeare takes --tokenizer gpt2 or char, not {args.tokenizer!r}")
+            default = "data/tinyshakespeare" + ("_char" if args.tokenizer == "char" else "")
+            out = ensure_tinyshakespeare(args.out_dir or default, tokenizer=args.tokenizer)
             meta = json.loads((out / "meta.json").read_text())
         elif args.source == "openwebtext":
+            if args.tokenizer == "char":
+                raise DataError("--tokenizer char is for local text and tinyshakespeare, not openwebtext")
             out = Path(args.out_dir or "data/openwebtext")
             meta = prepare_openwebtext(out, tokenizer=args.tokenizer, num_proc=args.num_proc)
         else:

@@ -93,3 +93,46 @@ def get_encoding(name: str = "gpt2") -> tiktoken.Encoding:
             return _load(fallback)
         except DataError:
             raise e from None
+
+
+class CharTokenizer:
+    """nanoGPT's shakespeare_char vocabulary: every distinct character of the corpus, sorted, one id
+    each. No EOT token (the corpus is one stream). Unknown characters are an error, never a silent
+    substitute: a prompt the model cannot read should say so."""
+
+    name = "char"
+
+    def __init__(self, chars: list[str] | str) -> None:
+        chars = list(chars)
+        if not chars:
+            raise DataError("char vocabulary is empty (empty corpus?)")
+        if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
+            raise DataError("char vocabulary must list distinct single characters")
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.n_vocab = len(chars)
+        self.eot_token = None
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        if not text:
+            raise DataError("empty corpus: no characters to build a vocabulary from")
+        return cls(sorted(set(text)))
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> CharTokenizer:
+        if not isinstance(meta.get("chars"), list):
+            raise DataError("meta.json of a char dataset has no 'chars' vocabulary list")
+        return cls(meta["chars"])
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise DataError(f"character {e.args[0]!r} is not in the {self.n_vocab}-character vocabulary") from None
+
+    def decode(self, ids: list[int]) -> str:
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise DataError(f"token id {bad[0]} is outside the {self.n_vocab}-character vocabulary")
+        return "".join(self.chars[i] for i in ids)

@@ -164,7 +164,7 @@ def _vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 def check_tp_layout(cfg: ModelConfig, tp: int) -> None:
     """Heads, vocabulary and MLP width are split evenly, or not at all."""
     for name, value in (("n_head", cfg.n_head), ("vocab_size", cfg.vocab_size),
-                        ("mlp hidden size", cfg.mlp_ratio * cfg.n_embd)):
+                        ("mlp hidden size", cfg.hidden_dim)):
         if value % tp:
             raise ConfigError(f"{name} ({value}) must be divisible by tp ({tp})")
 

@@ -1,0 +1,222 @@
+"""The arithmetic of a tuned, multi-seed, budget-based comparison, free of training and MLflow.
+
+A sweep trains every (preset, learning rate) on one or more seeds at the full step budget, picks each
+preset's best learning rate on the mean final validation loss, and (optionally) trains that learning rate
+again at smaller step budgets, each with its own full cosine schedule. The nGPT paper measures "steps to
+reach a loss" that way: reading points off one long schedule flatters the long run, whose learning rate
+is still high at the point read. Everything here is a pure function of command-line text and finished
+runs, so the numbers a report claims are unit-tested on synthetic curves.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ConfigError, ModelConfig
+from .report import Result
+
+DEFAULT_SEED = 1337  # TrainConfig's: seed count N means 1337, 1338, ...
+NOT_RUN = "not run yet"  # the error of a planned run that has no finished folder (compare --report_only)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One training run of a sweep. `steps` is its budget: max_iters = lr_decay_iters = steps."""
+
+    preset: str
+    lr: float
+    seed: int
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset}_lr{self.lr:g}_seed{self.seed}_it{self.steps}"
+
+
+@dataclass
+class Group:
+    """The seeds of one (preset, lr, steps): mean and standard deviation of the final loss and the curve."""
+
+    preset: str
+    lr: float
+    steps: int
+    runs: list[Result]
+
+    @property
+    def ok_runs(self) -> list[Result]:
+        return [r for r in self.runs if r.ok and math.isfinite(r.final_val_loss)]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.ok_runs) and len(self.ok_runs) == len(self.runs)
+
+    @property
+    def final_mean(self) -> float | None:
+        return statistics.fmean(r.final_val_loss for r in self.ok_runs) if self.ok else None
+
+    @property
+    def final_std(self) -> float | None:
+        """Sample standard deviation over seeds (0 for one seed)."""
+        if not self.ok:
+            return None
+        finals = [r.final_val_loss for r in self.ok_runs]
+        return statistics.stdev(finals) if len(finals) > 1 else 0.0
+
+    def mean_curve(self) -> tuple[list[float], list[float], list[float], list[float]]:
+        """(steps, mean loss, std loss, mean training time) over the eval steps every seed has."""
+        runs = self.ok_runs
+        if not runs:
+            return [], [], [], []
+        common = sorted(set.intersection(*(set(r.steps) for r in runs)))
+        losses = np.array([[dict(zip(r.steps, r.losses, strict=True))[s] for s in common] for r in runs])
+        times = np.array([[dict(zip(r.steps, r.times or [math.nan] * len(r.steps), strict=True))[s] for s in common]
+                          for r in runs])
+        std = losses.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(common))
+        return common, losses.mean(axis=0).tolist(), std.tolist(), times.mean(axis=0).tolist()
+
+    def mean_of(self, attr: str) -> float | None:
+        values = [getattr(r, attr) for r in self.ok_runs if getattr(r, attr) is not None]
+        return statistics.fmean(values) if values else None
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+
+def parse_numbers(text: str, what: str, cast: type = float) -> list:
+    """Comma-separated numbers, or a one-line ConfigError naming the option and the bad item."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        values = [cast(float(x)) if cast is int and float(x).is_integer() else cast(x) for x in items]
+    except ValueError:
+        raise ConfigError(f"{what} ({text!r}) must be comma-separated {cast.__name__} values") from None
+    if not values:
+        raise ConfigError(f"{what} ({text!r}) lists nothing")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{what} ({text!r}) lists a value twice")
+    return values
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`3` = three seeds from 1337 (1337, 1338, 1339); `1,2,7` = those seeds; `42,` = the one seed 42."""
+    if "," not in text:
+        count = parse_numbers(text, "--seeds", int)[0]
+        if count < 1:
+            raise ConfigError(f"--seeds ({text!r}) must be a count >= 1 or a comma-separated list of seeds")
+        return [DEFAULT_SEED + i for i in range(count)]
+    seeds = parse_numbers(text, "--seeds", int)
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds ({text!r}) must be >= 0")
+    return seeds
+
+
+def parse_lr_grids(values: Sequence[str], presets: Sequence[str]) -> dict[str, list[float]]:
+    """`--lrs` values: `PRESET=lr,lr,...` sets that preset's grid; a bare `lr,lr` applies to every preset
+    without a grid of its own. Presets with neither are absent (they run at their preset's rate)."""
+    default: list[float] | None = None
+    grids: dict[str, list[float]] = {}
+    for value in values:
+        name, sep, text = value.rpartition("=") if "=" in value else ("", "", value)
+        what = f"--lrs {name}" if sep else "--lrs"
+        lrs = parse_numbers(text, what)
+        if any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
+            raise ConfigError(f"{what} ({text!r}): learning rates must be finite and > 0")
+        if not sep:
+            if default is not None:
+                raise ConfigError("--lrs: give one bare grid (for every preset) at most")
+            default = lrs
+        elif name not in presets:
+            raise ConfigError(f"--lrs {name}=...: {name!r} is not one of --presets")
+        elif name in grids:
+            raise ConfigError(f"--lrs {name}=... is given twice")
+        else:
+            grids[name] = lrs
+    return {p: grids.get(p, default) for p in presets if grids.get(p, default) is not None}
+
+
+def parse_budgets(text: str, max_iters: int) -> list[int]:
+    """Step budgets below the full one (which the main runs already are), ascending."""
+    if not text:
+        return []
+    budgets = parse_numbers(text, "--budgets", int)
+    if any(b < 1 or b > max_iters for b in budgets):
+        raise ConfigError(f"--budgets ({text!r}) must lie in 1..max_iters ({max_iters})")
+    return sorted(b for b in budgets if b != max_iters)
+
+
+# --- choosing and measuring ---------------------------------------------------------------------------------
+
+
+def group_results(results: Sequence[Result], specs: Sequence[Spec]) -> list[Group]:
+    """Runs grouped by (preset, lr, steps) in first-seen order; `results[i]` belongs to `specs[i]`."""
+    groups: dict[tuple, Group] = {}
+    for r, s in zip(results, specs, strict=True):
+        key = (s.preset, s.lr, s.steps)
+        groups.setdefault(key, Group(s.preset, s.lr, s.steps, [])).runs.append(r)
+    return list(groups.values())
+
+
+def choose_best(groups: Sequence[Group], steps: int, seeds: Sequence[int] | None = None) -> dict[str, dict]:
+    """Per preset: the lr with the lowest mean final loss at `steps` (over `seeds` when given, so every
+    grid point is judged on the same seeds), and where it sits in the grid. Failed grid points lose;
+    points not run yet are left out (a preset with none run gets its grid's middle, marked not ok)."""
+    best: dict[str, dict] = {}
+    for preset in dict.fromkeys(g.preset for g in groups):
+        planned = sorted(g.lr for g in groups if g.preset == preset and g.steps == steps)
+        grid = [g for g in groups if g.preset == preset and g.steps == steps
+                and any(r.error != NOT_RUN for r in g.runs)]  # a partial sweep judges what has run
+        if not grid:
+            best[preset] = {"lr": planned[(len(planned) - 1) // 2], "grid": [], "edge": "", "ok": False}
+            continue
+        scored = []
+        for g in grid:
+            runs = [r for r in g.runs if seeds is None or r.seed in seeds]
+            sub = Group(g.preset, g.lr, g.steps, runs)
+            scored.append((sub.final_mean if sub.ok else math.inf, g.lr))
+        loss, lr = min(scored)
+        lrs = sorted(lr_ for _, lr_ in scored)
+        edge = ""
+        if len(lrs) > 1 and math.isfinite(loss):
+            edge = "lowest in grid" if lr == lrs[0] else "highest in grid" if lr == lrs[-1] else ""
+        best[preset] = {"lr": lr, "grid": lrs, "edge": edge, "ok": math.isfinite(loss)}
+    return best
+
+
+def budget_steps_to_target(budgets: Sequence[float], losses: Sequence[float | None],
+                           target: float) -> tuple[float | None, str]:
+    """Steps at which final loss (one full schedule per budget) reaches `target`: linear interpolation of
+    loss against log(steps) between the budgets that bracket it. Returns (steps, text); steps is None
+    with text "< B" when even the smallest budget B beats the target and "> B" when the largest misses it
+    (nothing is extrapolated)."""
+    points = sorted((b, loss) for b, loss in zip(budgets, losses, strict=True) if loss is not None)
+    if not points:
+        return None, "n/a"
+    for i, (b, loss) in enumerate(points):
+        if loss <= target:
+            if i == 0:
+                return (float(b), f"{b:g}") if loss == target or len(points) == 1 else (None, f"< {b:g}")
+            b0, l0 = points[i - 1]
+            frac = (l0 - target) / (l0 - loss)
+            steps = math.exp(math.log(b0) + frac * (math.log(b) - math.log(b0)))
+            return steps, f"{steps:.0f}"
+    return None, f"> {points[-1][0]:g}"
+
+
+def model_costs(cfg: ModelConfig, tokens_per_step: int) -> dict[str, float]:
+    """Non-embedding parameters (all but wte, lm_head and nGPT's logit scale s_z), training FLOPs per
+    token counting every attention map (letngpt.flops) and the tokens one optimizer step consumes."""
+    import torch
+
+    from .flops import flops_per_token
+    from .model import build_model
+
+    with torch.device("meta"):  # shapes only: the 1k presets would otherwise allocate 400M weights
+        model = build_model(cfg)
+    embedding = ("wte.", "lm_head.", "s_z.")
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(embedding))
+    return {"non_embedding_params": params, "flops_per_token": flops_per_token(cfg),
+            "tokens_per_step": tokens_per_step}
