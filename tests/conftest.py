@@ -55,6 +55,12 @@ def tiny(data: Path, out: Path, *extra: str) -> list[str]:
     return [*TINY, f"--data_dir={data}", f"--out_dir={out}", *extra]
 
 
+def start_train(args: list[str]) -> subprocess.Popen:
+    """`python train.py ARGS` in the background (signals, locks), stdout and stderr in one text pipe."""
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     """Block until a running trainer has logged `step` to metrics.jsonl (complete lines only)."""
     deadline = time.time() + timeout

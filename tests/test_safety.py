@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, check_ok, read_metrics, run_train, subprocess_env, tiny, wait_for_step
+from conftest import check_ok, read_metrics, run_train, start_train, tiny, wait_for_step
 
 from letngpt import checkpoint
 from letngpt.errors import LockError
@@ -171,9 +171,7 @@ def test_pruning_keeps_the_checkpoint_just_verified(tmp_path):
 # --- one run per out_dir ---------------------------------------------------------------------
 
 def test_second_launch_on_the_same_out_dir_is_refused_then_a_stale_lock_is_taken(byte_data, tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), *tiny(byte_data, tmp_path, "--max_iters=100000")]
-    first = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    first = start_train(tiny(byte_data, tmp_path, "--max_iters=100000"))
     try:
         wait_for_step(tmp_path, 2, first)
         holder = json.loads((tmp_path / LOCK_FILE).read_text())
@@ -212,9 +210,7 @@ def test_lock_rules(tmp_path):
 # --- Ctrl-C and tracking status ---------------------------------------------------------------
 
 def test_ctrl_c_checkpoints_and_exits_zero(byte_data, tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), *tiny(byte_data, tmp_path, "--max_iters=100000")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = start_train(tiny(byte_data, tmp_path, "--max_iters=100000"))
     try:
         wait_for_step(tmp_path, 3, proc)
         proc.send_signal(signal.SIGINT)

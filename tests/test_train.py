@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, check_ok, read_metrics, run_train, subprocess_env, tiny, wait_for_step
+from conftest import ROOT, check_ok, read_metrics, run_train, start_train, subprocess_env, tiny, wait_for_step
 
 from letngpt import checkpoint
 from letngpt.distributed import free_port
@@ -72,9 +72,7 @@ def test_resume_is_exact(byte_data, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_checkpoints_and_exits_zero_then_resumes(sig, byte_data, tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), *tiny(byte_data, tmp_path, "--max_iters=100000")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_train(tiny(byte_data, tmp_path, "--max_iters=100000"))
     try:
         wait_for_step(tmp_path, 3, proc)
         proc.send_signal(sig)
