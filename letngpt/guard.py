@@ -20,20 +20,12 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from .distributed import all_reduce_max
 from .errors import DivergedError
 
 log = logging.getLogger("letngpt")
-
-
-def _any_rank(flag: torch.Tensor) -> bool:
-    """True when the flag is set on any rank (one scalar all-reduce)."""
-    t = flag.to(torch.float32).reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 class NonFiniteGuard:
@@ -56,7 +48,7 @@ class NonFiniteGuard:
         """Collective, once per optimizer step, before it is applied. Raises DivergedError after
         `max_consecutive` bad steps in a row (nothing is saved: the caller only checkpoints good
         weights)."""
-        bad = _any_rank(self._bad)
+        bad = all_reduce_max(bool(self._bad), self._bad.device) > 0
         self._bad.zero_()
         if not bad:
             self.consecutive = 0
@@ -95,7 +87,7 @@ def weights_finite(model: nn.Module) -> bool:
         local = getattr(p, "ds_tensor", p)  # ZeRO 3 keeps this rank's partition here
         if local.numel():
             bad |= ~torch.isfinite(local.detach()).all()
-    return not _any_rank(bad)
+    return all_reduce_max(bool(bad), bad.device) == 0
 
 
 def finite_or_none(value: float | None) -> float | None:

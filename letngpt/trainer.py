@@ -42,7 +42,6 @@ from .schedule import lr_at
 from .tracking import Tracker, git_commit
 
 log = logging.getLogger("letngpt")
-DEFAULT_DATA = "data/tinyshakespeare"
 # Fields that may change between a checkpoint and the run resuming it without changing the weights' shapes.
 RUNTIME_MODEL_FIELDS = {"attn_backend"}
 
