@@ -6,9 +6,10 @@
     python -m bench.gpu_check summary --out DIR                    # summary.json + the table (printed)
     python -m bench.gpu_check all     --out DIR                    # all of the above in this process
 
-Needs only torch and this repository (no DeepSpeed, MLflow, tiktoken, network). Each preset runs
-as in training, on one GPU: the preset's model in bf16 weights at its micro batch (8 at 1k, 2 at
-4k), torch AdamW(fused), normalize_weights_ after each step (nGPT variants); `--warmup` untimed
+Needs torch, DeepSpeed and this repository (no MLflow, tiktoken, network; gpu_check.sh brings
+DeepSpeed from .whl/ where it is missing). Each preset runs as in training, on one GPU: the
+trainer's own step (bench.steps.StepRunner: DeepSpeed bf16 at ZeRO 1, fused AdamW, the post-step
+renormalisation for nGPT variants) at the preset's micro batch (8 at 1k, 2 at 4k); `--warmup` untimed
 steps, then up to `--steps` timed ones while the stage's time budget lasts (measured from the
 start of the process, so imports and model building count against it).
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check, for a single NVIDIA GPU with PyTorch installed and no network.
-# Needs only torch (+ numpy) and this repository: no DeepSpeed, MLflow, tiktoken or flash-attn.
+# Needs torch, numpy and DeepSpeed (the presets time the trainer's own step, in a DeepSpeed engine),
+# not MLflow, tiktoken or flash-attn. Where DeepSpeed is missing (a PyTorch-only image with no
+# network) it is installed into a temporary folder from .whl/, which bench/gpu_wheels.sh fills.
 #
 #   bench/gpu_check.sh [OUT_DIR]     # OUT_DIR: $1, else $OUT, else ./gpu_check_out
 #
@@ -34,6 +36,17 @@ export PYTHONUNBUFFERED=1
 if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
 elif command -v python >/dev/null 2>&1; then PY=python
 else PY=python3; fi
+if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+  if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+    SITE="${TMPDIR:-/tmp}/letngpt-gpu-check-site"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$ROOT"/.whl/*.whl || { echo "gpu_check: cannot install .whl/ wheels"; exit 2; }
+    export PYTHONPATH="$SITE:$PYTHONPATH"
+  else
+    echo "gpu_check: DeepSpeed is not installed; run bench/gpu_wheels.sh where pip works and bring .whl/"
+    exit 2
+  fi
+fi
 
 BUDGET="${GPU_CHECK_BUDGET_S:-445}"
 RESERVE=20          # seconds kept back for the summary

@@ -66,8 +66,13 @@ def probe_memory(cfg: ModelConfig, batch_size: int, device: torch.device, dtype:
     return out
 
 
+# Set by letngpt.distributed.init_distributed once this process has run a step: a probe process
+# inheriting them would try to join this process's world of one instead of starting its own.
+WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def subprocess_env(threads: int | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in WORLD_VARS}
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

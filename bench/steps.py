@@ -10,80 +10,94 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-import letngpt
 from bench.env import free_memory, is_oom, sync
 from bench.sizes import Variant
-from letngpt.compile import compile_blocks
-from letngpt.config import ModelConfig
-from letngpt.engine import param_groups
+from letngpt.config import ModelConfig, RunConfig, TrainConfig
+from letngpt.distributed import init_distributed
 from letngpt.flops import flops_per_token, peak_tflops
+from letngpt.guard import NonFiniteGuard
+from letngpt.parallel.layout import build_layout
+from letngpt.renorm import PostStepHook
+from letngpt.trainer import build_model_engine, train_step
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class StepRunner:
-    """A model, its AdamW and one fixed random batch; `step()` runs and times one training step."""
+    """The trainer's own step on one fixed random batch: the model and DeepSpeed engine built by
+    `trainer.build_model_engine` (a world of one, ZeRO and dtype as a one-process training run
+    has them), the non-finite guard, `trainer.train_step` and the post-step hook (renormalisation).
+    `step()` runs and times one step by phase: forward+backward, optimizer (DeepSpeed's step,
+    found by wrapping `engine.step`), renormalisation."""
 
     def __init__(self, name: str, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
                  *, seed: int = 0, lr: float = 1e-4, grad_clip: float = 0.0, compile: bool = False,
                  checkpointing: bool = False) -> None:
-        self.name, self.cfg, self.device, self.dtype = name, cfg, device, dtype
-        self.batch_size, self.grad_clip = batch_size, grad_clip
-        torch.manual_seed(seed)
-        with torch.device(device):  # initialise on the device: a 24-layer model inits in ms there
-            model = letngpt.build_model(cfg)
-        self.model = model.to(device=device, dtype=dtype).train()
-        if cfg.use_ngpt and dtype != torch.float32:
-            letngpt.normalize_weights_(self.model)  # back onto the sphere after the cast
-        self.model.checkpoint_blocks = checkpointing
-        if compile:  # what --compile does in the trainer (letngpt.engine.compile_engine)
-            compile_blocks(self.model)
-        fused = {"fused": True} if device.type == "cuda" else {}
-        self.optimizer_impl = "fused" if fused else "default (foreach)"
-        weight_decay = 0.0 if cfg.use_ngpt else 0.1  # the presets' recipes
-        self.opt = torch.optim.AdamW(param_groups(self.model, weight_decay), lr=lr, betas=(0.9, 0.95), **fused)
+        self.name, self.cfg, self.device = name, cfg, device
+        train = TrainConfig(batch_size=batch_size, gradient_accumulation_steps=1, learning_rate=lr, seed=seed,
+                            grad_clip=grad_clip, weight_decay=0.0 if cfg.use_ngpt else 0.1,  # the presets' recipes
+                            dtype=DTYPE_NAMES[dtype], device=str(device), compile=compile,
+                            activation_checkpointing=checkpointing)
+        run = RunConfig(model=cfg, train=train, name=name)
+        info = init_distributed(str(device))
+        self.engine, _, self.opt = build_model_engine(run, info, build_layout(run, 1, 0), reshard=False)
+        self.model = self.engine.module
+        self.guard = NonFiniteGuard(self.model, device, max_consecutive=train.max_nonfinite_steps)
+        self.post_step = PostStepHook(run, dtype)
+        self.optimizer_impl = "fused AdamW" if device.type == "cuda" else "AdamW (foreach)"
+        self.optimizer_impl += f", DeepSpeed ZeRO {self.engine.zero_optimization_stage()}"
         gen = torch.Generator().manual_seed(seed)
         data = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=gen).to(device)
         self.x, self.y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
         self.tokens_per_step = batch_size * cfg.block_size
         self.params = sum(p.numel() for p in self.model.parameters())
+        self.steps_done = 0
         self._loss: torch.Tensor | None = None
+        self._backward_done = 0.0
+        engine_step = self.engine.step
+
+        def timed_engine_step(*args, **kwargs):  # the forward+backward / optimizer boundary
+            sync(device)
+            self._backward_done = time.perf_counter()
+            return engine_step(*args, **kwargs)
+
+        self.engine.step = timed_engine_step
 
     def step(self) -> dict[str, float]:
-        dev = self.device
-        sync(dev)
+        sync(self.device)
         t0 = time.perf_counter()
-        _, loss = self.model(self.x, self.y)
-        loss.backward()
-        sync(dev)
-        t1 = time.perf_counter()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        sync(dev)
+        loss, _, applied = train_step(self.engine, self.opt, self.guard, lambda micro: (self.x, self.y), 1,
+                                      step=self.steps_done + 1, logging_step=False)
+        sync(self.device)
         t2 = time.perf_counter()
-        if self.cfg.use_ngpt:
-            letngpt.normalize_weights_(self.model)
-            sync(dev)
-            t3 = time.perf_counter()
-        else:  # GPT has no renormalisation: its share is 0, not timer noise
-            t3 = t2
-        self._loss = loss.detach()
+        self.steps_done += 1
+        self.post_step(self.engine, self.steps_done, applied)
+        sync(self.device)
+        t3 = time.perf_counter() if self.cfg.use_ngpt else t2  # GPT has no renormalisation: 0, not noise
+        self._loss = loss
+        t1 = self._backward_done
         return {"fwdbwd": t1 - t0, "optim": t2 - t1, "renorm": t3 - t2, "total": t3 - t0}
 
     def last_loss(self) -> float:
         return float("nan") if self._loss is None else float(self._loss)
 
     def time_renorm(self, reps: int = 10) -> float | None:
-        """Seconds per normalize_weights_ call, back to back (None for GPT: nothing to do)."""
+        """Seconds per renormalisation of the engine (the post-step hook's method), back to back
+        (None for GPT: nothing to do)."""
         if not self.cfg.use_ngpt:
             return None
-        letngpt.normalize_weights_(self.model)
+        self.post_step.renormalize(self.engine)
         sync(self.device)
         t0 = time.perf_counter()
         for _ in range(reps):
-            letngpt.normalize_weights_(self.model)
+            self.post_step.renormalize(self.engine)
         sync(self.device)
         return (time.perf_counter() - t0) / reps
+
+    def close(self) -> None:
+        """Drop the engine and its tensors (after an out-of-memory error, before the next model)."""
+        self.guard.remove()
+        self.engine = self.model = self.opt = None
 
 
 def peak_for(device: torch.device, override: float = 0.0) -> float | None:
@@ -137,7 +151,7 @@ def _run_round(order: list[StepRunner], runners: list[StepRunner], times: dict[s
             results[r.name]["error"] = f"out of memory in a training step: {str(e)[:300]}"
             log(f"{r.name}: out of memory in a step; dropped")
             runners.remove(r)
-            r.model = r.opt = None  # drop the tensors before the allocator is asked again
+            r.close()  # drop the tensors before the allocator is asked again
             free_memory(device)
             continue
         if times is not None:

@@ -5,8 +5,9 @@
     python -m bench.throughput --size small --steps 20 --out out/bench/small.json
     python -m bench.throughput --n_layer 2 --n_embd 64 --n_head 4 --block_size 64 --vocab_size 256 --batch_size 4
 
-Measures, in one run: the time of a training step (forward + backward + AdamW + zero_grad +
-normalize_weights_ for nGPT variants) with its phases, tokens/s, the ratios to GPT and to nGPT,
+Measures, in one run: the time of the trainer's training step (bench.steps.StepRunner: forward +
+backward, DeepSpeed's optimizer step, the post-step renormalisation for nGPT variants) with its
+phases, tokens/s, the ratios to GPT and to nGPT,
 model TFLOP/s (letngpt.flops.flops_per_token, which counts every map) and MFU on GPU, the
 renormalisation's share of the step (also timed alone), peak memory per variant (one fresh
 process each), fused one-call multi-map attention vs a per-map loop (attention module,
@@ -138,7 +139,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "settings": {"steps": args.steps, "warmup": args.warmup, "interleaved": not args.sequential,
                      "grad_clip": args.grad_clip, "maps": maps, "memory_steps": args.memory_steps,
                      "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
-                     "step": "forward+backward, AdamW step+zero_grad, normalize_weights_ (nGPT variants)",
+                     "step": "letngpt.trainer.train_step on a DeepSpeed engine, then the post-step hook "
+                             "(renormalisation)",
                      "tokens_per_s": "batch_size*seq_len / median step time",
                      "memory": "one fresh process per variant; GPU: torch.cuda.max_memory_allocated; "
                                "CPU: peak RSS (VmHWM) minus RSS after imports and a micro warm-up step"},
@@ -217,7 +219,8 @@ def tables(report: dict) -> str:
     s = report["settings"]
     parts = [format_table(head, rows),
              f"step ms: median of {s['steps']} {'interleaved' if s['interleaved'] else 'sequential'} steps "
-             f"(phases: medians); x GPT / x nGPT: step time ratio; renorm %: median normalize_weights_ time over "
+             f"(phases: medians); x GPT / x nGPT: step time ratio; renorm %: median post-step renormalisation "
+             f"time over "
              f"median step time; TFLOP/s: model FLOPs (letngpt.flops, all maps) per second; peak MB: {s['memory']}."]
     twin = twin_table(report)
     if twin:

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -258,30 +259,42 @@ def run_eval(job: Job, writer: MetricsWriter) -> None:
     writer.write("val", job.step, {"val/loss": job.val_loss}, f"step {job.step}: val loss {job.val_loss:.4f}")
 
 
-def train_step(job: Job, lr: float, logging_step: bool) -> tuple[torch.Tensor, float | None, bool]:
-    """One optimizer step over this rank's micro batches. The non-finite guard decides, on all
-    ranks together, whether the step is applied. Returns (summed loss, local grad norm, applied)."""
-    t, engine, device = job.run.train, job.engine, job.info.device
-    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per micro step
-    local_grad_norm, skipped = None, False
-    for micro in range(job.accum):
-        x, y = get_batch(job.train_data, seed=t.seed, step=job.step, micro_step=micro, dp_rank=job.layout.dp_rank,
-                         dp_size=job.layout.dp_size, micro_batch=t.batch_size, block_size=job.run.model.block_size,
-                         grad_accum=job.accum)
-        _, loss = engine(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        job.guard.watch_loss(loss)
+MicroBatch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def train_step(engine, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, micro_batch: MicroBatch, accum: int,
+               *, step: int, logging_step: bool) -> tuple[torch.Tensor, float | None, bool]:
+    """Optimizer step number `step` over `accum` micro batches (`micro_batch(i)` gives micro batch i
+    on the device). The non-finite guard decides, on all ranks together, whether the step is
+    applied. Returns (summed loss, local grad norm on logging steps, applied).
+
+    It needs only the engine, its torch optimizer and the guard, so bench/ times this very step."""
+    losses, local_grad_norm, skipped = [], None, False
+    for micro in range(accum):
+        x, y = micro_batch(micro)
+        _, loss = engine(x, y)
+        guard.watch_loss(loss)
         engine.backward(loss)
-        if micro == job.accum - 1:
+        if micro == accum - 1:
             if logging_step:
                 local_grad_norm = plain_grad_norm(engine)  # DeepSpeed reports none at ZeRO 0 in fp32
-            skipped = job.guard.step_is_bad(job.step + 1)
+            skipped = guard.step_is_bad(step)
         if skipped:
-            with skip_optimizer_step(job.optimizer):
+            with skip_optimizer_step(optimizer):
                 engine.step()
         else:
             engine.step()
-        loss_sum += loss.detach().float()
-    return loss_sum, local_grad_norm, not skipped and engine.was_step_applied()
+        losses.append(loss.detach().float())  # summed on device: no host sync per micro step
+    return torch.stack(losses).sum(), local_grad_norm, not skipped and engine.was_step_applied()
+
+
+def job_micro_batch(job: Job, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro batch `micro` of this rank for the job's next step, on the device."""
+    t, device = job.run.train, job.info.device
+    x, y = get_batch(job.train_data, seed=t.seed, step=job.step, micro_step=micro, dp_rank=job.layout.dp_rank,
+                     dp_size=job.layout.dp_size, micro_batch=t.batch_size, block_size=job.run.model.block_size,
+                     grad_accum=job.accum)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def eta_seconds(job: Job, mean_step_s: float) -> float:
@@ -360,7 +373,8 @@ def step_once(job: Job, writer: MetricsWriter, stop: StopFlag, start_step: int) 
     set_lr(job.engine, lr)
     job.timer.start()
     logging_step = (job.step + 1) % t.log_interval == 0 or job.step + 1 == t.max_iters
-    loss_sum, local_grad_norm, applied = train_step(job, lr, logging_step)
+    loss_sum, local_grad_norm, applied = train_step(job.engine, job.optimizer, job.guard, partial(job_micro_batch, job),
+                                                    job.accum, step=job.step + 1, logging_step=logging_step)
     job.step += 1
     job.post_step(job.engine, job.step, applied)
     job.throughput.add(job.timer.stop(job.info.device) - job.post_step.callback_seconds)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 from bench import attention, env, gpu_check, sizes, steps, throughput
 from letngpt.config import ModelConfig
@@ -85,6 +85,31 @@ def test_sizes_follow_the_presets():
     preset = get_config("tiny_LETNGPT").model
     assert (tiny["LET-nGPT M=3"].n_head, tiny["LET-nGPT M=3"].n_embd) == (preset.n_head, preset.n_embd)
     assert tiny["GPT"].vocab_size == 256  # CPU sizes keep the lm_head small
+
+
+def test_step_runner_is_the_trainers_step():
+    """bench times the trainer's own step: a DeepSpeed engine that applies every step (a fixed batch's
+    loss falls), the post-step hook that puts nGPT's matrices back on the unit sphere, and the
+    forward+backward / optimizer / renormalisation phases that add up to the step."""
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, use_ngpt=True)
+    runner = steps.StepRunner("nGPT", cfg, 2, CPU, torch.float32, lr=1e-2)
+    assert type(runner.engine).__name__ == "DeepSpeedEngine" and runner.engine.gradient_accumulation_steps() == 1
+    losses, phases = [], []
+    for _ in range(4):
+        phases.append(runner.step())
+        losses.append(runner.last_loss())
+        assert runner.engine.was_step_applied()
+    assert losses[-1] < losses[0] - 1e-3, losses
+    assert runner.steps_done == 4 and runner.engine.global_steps == 4
+    params = dict(runner.model.named_parameters())
+    for name, dim in runner.model.unit_norm_axes().items():
+        norms = params[name].detach().double().norm(dim=dim)
+        assert (norms - 1).abs().max() < 1e-5, name
+    for t in phases:
+        assert min(t["fwdbwd"], t["optim"], t["renorm"]) > 0
+        assert abs(t["fwdbwd"] + t["optim"] + t["renorm"] - t["total"]) < 1e-9
+    runner.close()
+    assert runner.engine is None
 
 
 def test_busy_machine_warning():
@@ -188,9 +213,10 @@ def test_gpu_check_dry_run_in_process(tmp_path, capsys, monkeypatch):
 def test_gpu_check_script_dry_run(tmp_path):
     """The shell driver end to end (its stages, time caps, stages.jsonl) on tiny CPU models."""
     presets = ["nGPT_1kctx_10k_lr30e-4", "LETNGPT_4kctx_10k_lr30e-4"]  # two of four: a process each costs seconds
-    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", GPU_CHECK_STEPS="1", GPU_CHECK_WARMUP="0",
-               GPU_CHECK_PRESETS=",".join(presets), PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               GPU_CHECK_MODES="ckpt")  # the compiled twin's stage costs a compilation; see test_speed.py
+    # subprocess_env: without the world of one that an in-process StepRunner left in os.environ
+    env = subprocess_env(GPU_CHECK_DRY_RUN="1", GPU_CHECK_STEPS="1", GPU_CHECK_WARMUP="0",
+                         GPU_CHECK_PRESETS=",".join(presets), PYTHON=sys.executable,
+                         GPU_CHECK_MODES="ckpt")  # the compiled twin's stage costs a compilation; see test_speed.py
     env.pop("OUT", None)
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "o")], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=240)
