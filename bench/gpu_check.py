@@ -101,6 +101,60 @@ def result_name(name: str, mode: str = "") -> str:
     return f"{name}+{mode}" if mode else name
 
 
+def run_steps(res: dict, name: str, cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype,
+              mode: str, warmup: int, steps: int, stop_at: float) -> tuple[StepRunner | None, list[dict]]:
+    """Build the preset's StepRunner, run its warm-up and timed steps until `stop_at` (monotonic);
+    the status (ok, partial, oom, error) goes into `res`."""
+    times: list[dict] = []
+    runner = None
+    try:
+        compile_, ckpt = MODES[mode]
+        runner = StepRunner(name, cfg, batch, device, dtype, compile=compile_, checkpointing=ckpt)
+        res["params"] = runner.params
+        t0 = time.monotonic()
+        for _ in range(warmup):
+            runner.step()
+            if time.monotonic() > stop_at:
+                break
+        res["warmup_s"] = time.monotonic() - t0
+        while len(times) < steps and time.monotonic() < stop_at:
+            times.append(runner.step())
+        res["status"] = "ok" if len(times) >= steps else ("partial" if times else "no timed steps (time budget)")
+    except Exception as e:
+        if not is_oom(e):
+            res.update(status="error", error=f"{type(e).__name__}: {e}"[:500])
+        else:
+            res.update(status="oom", error=str(e)[:500])
+    return runner, times
+
+
+def time_renorm_alone(res: dict, runner: StepRunner, timed: bool) -> None:
+    """The renormalisation timed alone, back to back, and its share of the median step."""
+    try:
+        iso = runner.time_renorm(10)
+        res["renorm_ms_isolated"] = None if iso is None else iso * 1e3
+        if iso is not None and timed:
+            res["renorm_share_isolated"] = iso * 1e3 / res["step_ms_median"]
+    except Exception as e:  # keep what was measured
+        res["renorm_error"] = str(e)[:300]
+
+
+def record_memory(res: dict, device: torch.device, base_rss: float | None) -> None:
+    """Peak memory of the stage: CUDA's allocator peak, or on CPU the peak RSS growth."""
+    try:
+        sync(device)
+    except Exception as e:  # a broken CUDA context: report what there is
+        res["sync_error"] = str(e)[:300]
+    if device.type == "cuda":
+        res["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        res["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
+        res["memory_kind"] = "torch.cuda.max_memory_allocated"
+    else:
+        hwm = proc_status_mb("VmHWM")
+        res["peak_mb"] = None if hwm is None or base_rss is None else hwm - base_rss
+        res["memory_kind"] = "CPU peak RSS growth over RSS before the model"
+
+
 def stage_preset(name: str, out: Path, dry: bool, deadline: float, steps: int, warmup: int, mode: str = "") -> dict:
     """One preset: warm-up, timed steps (until `deadline`, a time.monotonic() value, comes near),
     isolated renorm timing, peak memory. mode "compiled": torch.compile'd model (the warm-up steps
@@ -122,49 +176,13 @@ def stage_preset(name: str, out: Path, dry: bool, deadline: float, steps: int, w
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base_rss = proc_status_mb("VmRSS")
-    times: list[dict] = []
-    runner = None
-    try:
-        compile_, ckpt = MODES[mode]
-        runner = StepRunner(name, cfg, batch, device, dtype, compile=compile_, checkpointing=ckpt)
-        res["params"] = runner.params
-        t0 = time.monotonic()
-        for _ in range(warmup):
-            runner.step()
-            if time.monotonic() > deadline - reserve:
-                break
-        res["warmup_s"] = time.monotonic() - t0
-        while len(times) < steps and time.monotonic() < deadline - reserve:
-            times.append(runner.step())
-        res["status"] = "ok" if len(times) >= steps else ("partial" if times else "no timed steps (time budget)")
-    except Exception as e:
-        if not is_oom(e):
-            res.update(status="error", error=f"{type(e).__name__}: {e}"[:500])
-        else:
-            res.update(status="oom", error=str(e)[:500])
+    runner, times = run_steps(res, name, cfg, batch, device, dtype, mode, warmup, steps, deadline - reserve)
     if times:
         res.update(summarize_steps(times, cfg, batch * cfg.block_size, peak_for(device)))
         res["final_loss"] = runner.last_loss()
     if runner is not None and runner.model is not None and res["status"] != "oom":
-        try:
-            iso = runner.time_renorm(10)
-            res["renorm_ms_isolated"] = None if iso is None else iso * 1e3
-            if iso is not None and times:
-                res["renorm_share_isolated"] = iso * 1e3 / res["step_ms_median"]
-        except Exception as e:  # keep what was measured
-            res["renorm_error"] = str(e)[:300]
-    try:
-        sync(device)
-    except Exception as e:  # a broken CUDA context: report what there is
-        res["sync_error"] = str(e)[:300]
-    if device.type == "cuda":
-        res["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        res["peak_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
-        res["memory_kind"] = "torch.cuda.max_memory_allocated"
-    else:
-        hwm = proc_status_mb("VmHWM")
-        res["peak_mb"] = None if hwm is None or base_rss is None else hwm - base_rss
-        res["memory_kind"] = "CPU peak RSS growth over RSS before the model"
+        time_renorm_alone(res, runner, bool(times))
+    record_memory(res, device, base_rss)
     res["seconds"], res["process_seconds"] = time.monotonic() - t_stage, time.monotonic() - _START
     write_json(path, res)
     del runner
@@ -198,8 +216,8 @@ def twin_ratios(presets: dict) -> list[dict]:
     return out
 
 
-def stage_summary(out: Path) -> dict:
-    """Collect every stage's JSON (and the shell's stages.jsonl) into summary.json; print the table."""
+def read_stages(out: Path) -> list[dict]:
+    """The shell's stages.jsonl: one record (stage, rc, seconds) per stage it ran."""
     stages = []
     if (out / "stages.jsonl").exists():
         for line in (out / "stages.jsonl").read_text().splitlines():
@@ -207,24 +225,31 @@ def stage_summary(out: Path) -> dict:
                 stages.append(json.loads(line))
             except json.JSONDecodeError:
                 pass
-    rc_of = {s.get("stage"): s for s in stages}
-    flash = _load(out / "flash.json")
+    return stages
+
+
+def collect_presets(out: Path, rc_of: dict[str, dict]) -> dict[str, dict]:
+    """Every preset (and twin) this run attempted, from its JSON, with the shell's verdict on a stage
+    that died (timed out, non-zero exit) where its JSON did not get to say."""
     # the presets this run attempted (a JSON file or a shell stage record); all of them if none did
     names = [n for n in PRESETS if (out / f"preset_{n}.json").exists() or f"preset:{n}" in rc_of] or list(PRESETS)
     twins = [result_name(n, m) for n in PRESETS for m in MODES if m]
     names += [t for t in twins if (out / f"preset_{t}.json").exists() or f"preset:{t}" in rc_of]
     presets = {}
     for name in names:
-        r = _load(out / f"preset_{name}.json")
+        r = _load(out / f"preset_{name}.json") or {"preset": name, "status": "missing"}
         shell = rc_of.get(f"preset:{name}")
-        if r is None:
-            r = {"preset": name, "status": "missing"}
         if shell and shell.get("rc") not in (0, None):
             rc = shell["rc"]
             r["shell_rc"] = rc
             if r.get("status") in ("started", "missing", None) or "step_ms_median" not in r:
                 r["status"] = "timed out" if rc in (124, 137) else f"exit {rc}"
         presets[name] = r
+    return presets
+
+
+def check_targets(presets: dict[str, dict]) -> tuple[dict[str, bool], float | None]:
+    """The issue's targets, met or not: MFU at 1k, the renormalisation's share, LETNGPT over nGPT at 1k."""
     ngpt = presets.get("nGPT_1kctx_10k_lr30e-4", {})
     let1k = presets.get("LETNGPT_1kctx_10k_lr30e-4", {})
     targets = {}
@@ -237,12 +262,25 @@ def stage_summary(out: Path) -> dict:
     if "step_ms_median" in ngpt and "step_ms_median" in let1k:
         let_over = let1k["step_ms_median"] / ngpt["step_ms_median"]
         targets["LETNGPT 1k step < 1.5x nGPT 1k"] = let_over < TARGET_LET_OVER_NGPT
-    ratios = twin_ratios(presets)
-    env = next((r["environment"] for r in presets.values() if "environment" in r), None)
-    summary = {"environment": env, "flash": flash, "presets": presets, "stages": stages,
-               "let_over_ngpt_step_1k": let_over, "targets_met": targets, "twins": ratios}
-    write_json(out / "summary.json", summary)
+    return targets, let_over
 
+
+def flash_line(flash: dict | None) -> str:
+    if flash is None:
+        return "flash-attn check: missing (see log)"
+    if not flash.get("available"):
+        return flash.get("note", FLASH_ABSENT)
+    if flash.get("status") != "ok":
+        return f"flash-attn check: {flash.get('status')}: {flash.get('error', '')[:200]}"
+    ok = all(a["agree"] for a in flash.get("agreement", []))
+    mods = ", ".join(f"M={m['maps']}: sdpa/flash {m['sdpa_over_flash']:.2f}x" for m in flash.get("modules", []))
+    return f"flash-attn vs SDPA (bf16): agree={ok}; {mods}"
+
+
+def summary_text(summary: dict) -> str:
+    """The table and the lines around it, as printed last by gpu_check.sh."""
+    presets, env, let_over, targets = (summary["presets"], summary["environment"], summary["let_over_ngpt_step_1k"],
+                                       summary["targets_met"])
     rows = []
     for name, r in presets.items():
         rows.append([name, r.get("status", "?"), fmt(r.get("step_ms_median")), fmt(r.get("tokens_per_s"), ",.0f"),
@@ -255,26 +293,29 @@ def stage_summary(out: Path) -> dict:
         lines.append("DRY RUN: tiny stand-in models on CPU; these numbers say nothing about the presets")
     if env:
         lines.append(f"# {env['device_name']}, torch {env['torch']}, cuda {env['cuda']}, {env['dtype']}, {env['date']}")
-    if flash is None:
-        lines.append("flash-attn check: missing (see log)")
-    elif not flash.get("available"):
-        lines.append(flash.get("note", FLASH_ABSENT))
-    elif flash.get("status") != "ok":
-        lines.append(f"flash-attn check: {flash.get('status')}: {flash.get('error', '')[:200]}")
-    else:
-        ok = all(a["agree"] for a in flash.get("agreement", []))
-        mods = ", ".join(f"M={m['maps']}: sdpa/flash {m['sdpa_over_flash']:.2f}x" for m in flash.get("modules", []))
-        lines.append(f"flash-attn vs SDPA (bf16): agree={ok}; {mods}")
+    lines.append(flash_line(summary["flash"]))
     lines.append(format_table(["preset", "status", "step ms", "tokens/s", "MFU %", "peak GiB", "renorm %",
                                "renorm ms", "steps"], rows))
-    for t in ratios:
+    for t in summary["twins"]:
         lines.append(f"{t['twin']}: step x{fmt(t['step_ratio'], '.2f')}, tokens/s x{fmt(t['tokens_ratio'], '.2f')}, "
                      f"peak memory x{fmt(t['memory_ratio'], '.2f')} vs eager (same run)")
     if let_over is not None:
         lines.append(f"LETNGPT/nGPT step time at 1k: {let_over:.2f}x (target < {TARGET_LET_OVER_NGPT})")
     if targets:
         lines.append("targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in targets.items()))
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def stage_summary(out: Path) -> dict:
+    """Collect every stage's JSON (and the shell's stages.jsonl) into summary.json; print the table."""
+    stages = read_stages(out)
+    presets = collect_presets(out, {s.get("stage"): s for s in stages})
+    targets, let_over = check_targets(presets)
+    env = next((r["environment"] for r in presets.values() if "environment" in r), None)
+    summary = {"environment": env, "flash": _load(out / "flash.json"), "presets": presets, "stages": stages,
+               "let_over_ngpt_step_1k": let_over, "targets_met": targets, "twins": twin_ratios(presets)}
+    write_json(out / "summary.json", summary)
+    text = summary_text(summary)
     (out / "summary.txt").write_text(text + "\n")
     print(text, flush=True)
     return summary

@@ -90,6 +90,27 @@ def build_size(args: argparse.Namespace, device) -> tuple[str, object]:
     return name, size
 
 
+def all_variants(size, maps: list[int], flash_in_model: bool, args: argparse.Namespace) -> list[Variant]:
+    """The size's variants; SDPA twins of nGPT and LET-nGPT M=3 where the model picks flash-attn by
+    itself; the compiled / checkpointed twins that the flags ask for."""
+    variants = variant_configs(size, maps)
+    if flash_in_model:
+        for v in list(variants):
+            if v.name in ("nGPT", "LET-nGPT M=3"):
+                variants.append(Variant(f"{v.name} [sdpa]", dataclasses.replace(v.cfg, attn_backend="sdpa")))
+    return variants + twins(variants, args)
+
+
+def probe_memory_of(variants: list[Variant], results: list[dict], batch_size: int, device: torch.device,
+                    dtype: torch.dtype, steps: int, threads: int) -> None:
+    """Each eager variant's peak memory, in a fresh process (a compiled twin's is not measured)."""
+    for v, r in zip(variants, results, strict=True):
+        if not v.compile:
+            r["memory"] = memory_in_subprocess(v.cfg, batch_size, device, dtype, steps=steps,
+                                               threads=threads if device.type == "cpu" else None,
+                                               checkpointing=v.checkpointing)
+
+
 def run(args: argparse.Namespace, log=print) -> dict:
     t_start = time.monotonic()
     device = resolve_device(args.device)
@@ -100,13 +121,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     size_name, size = build_size(args, device)
     maps = [int(m) for m in str(args.maps).split(",") if m.strip()]
-    variants = variant_configs(size, maps)
     flash_in_model = flash_attn_func() is not None and device.type == "cuda" and dtype != torch.float32
-    if flash_in_model:  # the model picks flash-attn; add SDPA twins of two variants to see the difference
-        for v in list(variants):
-            if v.name in ("nGPT", "LET-nGPT M=3"):
-                variants.append(Variant(f"{v.name} [sdpa]", dataclasses.replace(v.cfg, attn_backend="sdpa")))
-    variants += twins(variants, args)
+    variants = all_variants(size, maps, flash_in_model, args)
     peak = peak_for(device, args.peak_tflops)
     env = environment(device, dtype, threads)
     log(f"# throughput: {size_name} {dataclasses.asdict(size)}")
@@ -121,11 +137,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     add_ratios(results)
     for v, r in zip(variants, results, strict=True):
         r["attention_kernel"] = "flash-attn" if flash_in_model and v.cfg.attn_backend == "auto" else "sdpa"
-        if args.memory and not v.compile:  # the probe runs eager: a compiled twin's memory is not measured
-            r["memory"] = memory_in_subprocess(v.cfg, size.batch_size, device, dtype, steps=args.memory_steps,
-                                               threads=threads if device.type == "cpu" else None,
-                                               checkpointing=v.checkpointing)
-
+    if args.memory:
+        probe_memory_of(variants, results, size.batch_size, device, dtype, args.memory_steps, threads)
     twin_ratios(results)
     attn_cfgs = [v.cfg for v in variants if v.name.startswith("LET-nGPT M=") and "[" not in v.name]
     attention = bench_attention(attn_cfgs, size.batch_size, device, dtype, reps=args.attn_reps)
