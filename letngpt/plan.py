@@ -98,14 +98,17 @@ def local_params(cfg: ModelConfig, tp: int) -> int:
 
 def model_states(params: int, largest: int, dp: int, stage: int, weight_bytes: int = 2) -> dict:
     """Bytes per GPU with DeepSpeed's mixed-precision accounting: weights (`weight_bytes`: 2 in bf16),
-    gradients in the same precision plus a 4-byte fp32 gradient partition (bf16 only), and the
-    optimizer's fp32 master copy (4) and Adam moments (8). ZeRO 1 partitions the fp32 states over the
-    N data-parallel ranks, ZeRO 2 the gradients too, ZeRO 3 the weights too (plus the largest layer
-    gathered whole while it runs). At ZeRO 2 / 3 in bf16 the total is DeepSpeed's own estimator's."""
+    gradients in the same precision plus a 4-byte fp32 gradient buffer (bf16 only), and the
+    optimizer's fp32 master copy (4) and Adam moments (8). ZeRO 1 partitions the fp32 master and
+    moments over the N data-parallel ranks, ZeRO 2 the gradients too, ZeRO 3 the weights too (plus the
+    largest layer gathered whole while it runs). The fp32 gradient buffer is whole on every rank
+    below ZeRO 2 (measured: DeepSpeed's BF16_Optimizer, which ZeRO 1 in bf16 runs, allocates it
+    like the flat bf16 weights; tests/test_plan.py). At ZeRO 2 / 3 in bf16 the total is DeepSpeed's
+    own estimator's."""
     w, g, o = (dp if stage >= s else 1 for s in (3, 2, 1))
     fp32_grad = 4 if weight_bytes == 2 else 0
     out = {"parameters": weight_bytes * params // w,
-           "gradients": weight_bytes * params // g + fp32_grad * params // o,
+           "gradients": (weight_bytes + fp32_grad) * params // g,
            "optimizer": 12 * params // o,
            "gathered": 2 * weight_bytes * largest if stage == 3 else 0}
     out["total"] = out["sum_of_parts"] = sum(out.values())

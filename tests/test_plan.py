@@ -36,6 +36,20 @@ def small_run(report: dict) -> RunConfig:
     return RunConfig(model=ModelConfig(**report["config"]), train=train)
 
 
+def test_bf16_zero1_gradient_buffer_is_whole_on_every_rank(measured):
+    """bf16 at ZeRO 1 accumulates gradients in a FULL fp32 buffer on every rank (BF16_Optimizer); only
+    the fp32 masters and moments are partitioned. The planner counts both within 5%."""
+    cfg, dp = ModelConfig(**measured["config"]), measured["world"]
+    params = local_params(cfg, 1)
+    got = measured["bf16_stage1"]
+    assert got["optimizer"] == "BF16_Optimizer" and dp == 2
+    predicted = model_states(params, 0, dp, 1, weight_bytes=2)
+    assert abs(predicted["parameters"] - got["param_bytes"]) <= 0.05 * got["param_bytes"]
+    predicted_fp32_grads = predicted["gradients"] - 2 * params  # beside the bf16 gradients themselves
+    assert abs(predicted_fp32_grads - got["fp32_grad_bytes"]) <= 0.05 * got["fp32_grad_bytes"]
+    assert abs(4 * params // dp - got["master_bytes"]) <= 0.05 * got["master_bytes"]
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_memory_model_matches_what_deepspeed_allocates(measured, stage):
     """fp32 on CPU: parameter + optimizer-state bytes per rank within 5% (the issue's bound)."""

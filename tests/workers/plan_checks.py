@@ -32,7 +32,7 @@ def tensor_bytes(tensors) -> int:
 
 def master_partitions(opt) -> list[torch.Tensor]:
     """DeepSpeed's fp32 master partitions (the ZeRO 1/2 and ZeRO 3 optimizers name them differently)."""
-    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
         if hasattr(opt, attr):
             return list(getattr(opt, attr))
     raise AttributeError(f"no fp32 partitions on {type(opt).__name__}")
@@ -60,6 +60,24 @@ def measure(stage: int) -> dict:
             "step_comm_calls": sorted({name for name, _ in step_comm.calls}), "renorm_bytes": renorm_comm.bytes}
 
 
+def measure_bf16_stage1() -> dict:
+    """bf16 at ZeRO 1 (DeepSpeed's BF16_Optimizer, gradients accumulated in fp32): the bytes of the
+    fp32 gradient buffer and of the fp32 master partition on this rank after one step."""
+    torch.manual_seed(0)
+    train = TrainConfig(zero_stage=1, batch_size=2, gradient_accumulation_steps=ACCUM, learning_rate=1e-3,
+                        dtype="bfloat16", device="cpu")
+    engine, _, _ = build_engine(build_model(ModelConfig(**CFG)), train, dist.get_world_size(), torch.bfloat16)
+    x = torch.randint(CFG["vocab_size"], (2, CFG["block_size"] + 1), generator=torch.Generator().manual_seed(0))
+    for _ in range(ACCUM // dist.get_world_size()):
+        _, loss = engine(x[:, :-1], x[:, 1:])
+        engine.backward(loss)
+        engine.step()
+    opt = engine.optimizer
+    return {"optimizer": type(opt).__name__, "fp32_grad_bytes": tensor_bytes(opt.fp32_groups_gradients_flat),
+            "master_bytes": tensor_bytes(master_partitions(opt)),
+            "param_bytes": tensor_bytes(engine.module.parameters())}
+
+
 def tp_local_params() -> int:
     from letngpt.parallel.tensor_parallel import initialize_tp, parallelize_tp
 
@@ -72,7 +90,7 @@ def main() -> None:
     init_distributed("cpu")
     torch.set_num_threads(1)
     report = {"config": CFG, "accum": ACCUM, "batch_size": 2, "world": dist.get_world_size(),
-              "stages": {s: measure(s) for s in (1, 2, 3)},
+              "stages": {s: measure(s) for s in (1, 2, 3)}, "bf16_stage1": measure_bf16_stage1(),
               "tp2_local_params": tp_local_params()}
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
