@@ -56,9 +56,12 @@ def _matched(make: Callable[[], RunConfig], multiple: int = 8) -> RunConfig:
     return run
 
 
-# Char-level learning rates (PROVISIONAL until the sweep in docs/ sets them): nGPT's logit scale and
-# eigen learning rates move at lr * sqrt(d), so its best rate at d = 128 is several times GPT's.
-CHAR_LR = {"GPT": 1e-3, "nGPT": 1e-2, "LETNGPT": 1e-2, "LETTransformer": 1e-3}
+# Char-level CPU recipe: each family's best rate in the sweep's grid (docs/sweeps/char_tinyshakespeare,
+# seed 1337, 2000 steps; GPT family 3e-4..1e-2, nGPT family 1e-3..3e-2, every best inside its grid).
+# nGPT's logit scale and eigen learning rates move at lr * sqrt(d), so its best rate is 3-10x GPT's.
+CHAR_LR = {"GPT": 1e-3, "nGPT": 3e-3, "LETNGPT": 1e-2, "LETNGPT_matched": 3e-3, "LETTransformer": 1e-3}
+# The GPU recipe (d = 384, 5000 steps) has not been swept: GPT's is nanoGPT's; nGPT's PROVISIONAL.
+CHAR_GPU_LR = {"GPT": 1e-3, "nGPT": 1e-2, "LETNGPT": 1e-2, "LETNGPT_matched": 1e-2, "LETTransformer": 1e-3}
 
 
 def _tiny(*, use_ngpt: bool, num_maps: int) -> RunConfig:
@@ -112,12 +115,12 @@ _PRESETS["tiny_LETNGPT_matched"] = lambda: _matched(lambda: _tiny(use_ngpt=True,
 _PRESETS["LETNGPT_1kctx_10k_lr30e-4_matched"] = lambda: _matched(
     lambda: _big(1024, use_ngpt=True, num_maps=3, n_head=8), multiple=64)
 _CHAR_ARCHS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3), "LETTransformer": (False, 3)}
-for _prefix, _gpu in (("char", False), ("char_gpu", True)):
+for _prefix, _gpu, _lr in (("char", False, CHAR_LR), ("char_gpu", True, CHAR_GPU_LR)):
     for _arch, (_ngpt, _maps) in _CHAR_ARCHS.items():
         _PRESETS[f"{_prefix}_{_arch}"] = (
-            lambda n=_ngpt, m=_maps, g=_gpu, a=_arch: _char(use_ngpt=n, num_maps=m, lr=CHAR_LR[a], gpu=g))
+            lambda n=_ngpt, m=_maps, g=_gpu, lr=_lr[_arch]: _char(use_ngpt=n, num_maps=m, lr=lr, gpu=g))
     _PRESETS[f"{_prefix}_LETNGPT_matched"] = (
-        lambda g=_gpu: _matched(lambda: _char(use_ngpt=True, num_maps=3, lr=CHAR_LR["LETNGPT"], gpu=g)))
+        lambda g=_gpu, lr=_lr["LETNGPT_matched"]: _matched(lambda: _char(use_ngpt=True, num_maps=3, lr=lr, gpu=g)))
 
 DEFAULT_PRESET = "tiny_LETNGPT"
 

@@ -443,3 +443,16 @@ def test_matched_presets_have_ngpt_non_embedding_size(ngpt, matched):
     assert abs(n_let / n_base - 1) < 0.03, (n_let, n_base)
     unmatched = get_config(matched.replace("_matched", "")).model
     assert model_costs(unmatched, 1)["non_embedding_params"] > 1.2 * n_base  # what matching removes
+
+
+def test_char_presets_use_the_sweeps_best_learning_rates():
+    """The char_* presets' learning rates are the ones the committed sweep picked (results.csv: each
+    preset at its best lr), and no pick sat at the edge of its grid; min_lr stays lr / 10."""
+    rows = list(csv.DictReader((ROOT / "docs/sweeps/char_tinyshakespeare/results.csv").open()))
+    assert {r["preset"] for r in rows} == {"char_GPT", "char_nGPT", "char_LETNGPT", "char_LETNGPT_matched",
+                                           "char_LETTransformer"}
+    for r in rows:
+        train = get_config(r["preset"]).train
+        assert math.isclose(train.learning_rate, float(r["lr"])), (r["preset"], train.learning_rate, r["lr"])
+        assert math.isclose(train.min_lr, train.learning_rate / 10)
+        assert len(r["lr_grid"].split()) >= 4 and not r["lr_note"], (r["preset"], r["lr_grid"], r["lr_note"])
