@@ -150,7 +150,8 @@ def run_flags(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str])
         flags.append(f"--learning_rate={spec.lr!r}")
         base = plan.configs.get(spec.preset)
         if base and base.train.min_lr and "min_lr" not in {canonical_key(k) for k in split_args(extras)[1]}:
-            flags.append(f"--min_lr={base.train.min_lr * spec.lr / base.train.learning_rate!r}")
+            ratio = round(base.train.min_lr / base.train.learning_rate, 9)  # 0.1, not 0.10000000000000002
+            flags.append(f"--min_lr={float(f'{spec.lr * ratio:.12g}')!r}")
     return flags
 
 
@@ -214,11 +215,31 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+def same_flags(a: str, b: str) -> bool:
+    """Two run keys name the same run: the same flags with the same values, numbers equal to 1e-9
+    (a min_lr written as 0.00030000000000000003 by one version and 0.0003 by another is one run)."""
+    def parsed(key: str) -> dict[str, str]:
+        return dict(arg.split("=", 1) if "=" in arg else (arg, "") for arg in shlex.split(key))
+
+    fa, fb = parsed(a), parsed(b)
+    if fa.keys() != fb.keys():
+        return False
+    for k, va in fa.items():
+        if va == fb[k]:
+            continue
+        try:
+            if not math.isclose(float(va), float(fb[k]), rel_tol=1e-9):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
 def reuse(run_dir: Path, key: str, steps: int) -> bool:
-    """True when run_dir holds a finished run of exactly this command (resuming an interrupted sweep)."""
+    """True when run_dir holds a finished run of this command (resuming an interrupted sweep)."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
-        return (run_dir / "spec.txt").read_text() == key and summary.get("final_step") == steps
+        return same_flags((run_dir / "spec.txt").read_text(), key) and summary.get("final_step") == steps
     except (OSError, ValueError):
         return False
 

@@ -264,7 +264,7 @@ out, steps, lr, seed = Path(args["out_dir"]), int(args["max_iters"]), float(args
 best = 3e-3 if args["config"] == "char_GPT" else 1e-2
 final = 5.0 - 0.5 * math.log2(steps / 8) + abs(math.log10(lr / best)) + 0.01 * (seed - 1337)
 final -= 0.25 * (args["config"] == "char_nGPT")
-assert args["min_lr"] == repr(lr / 10), args  # the swept lr keeps the preset's min_lr / lr ratio
+assert math.isclose(float(args["min_lr"]), lr / 10, rel_tol=1e-12), args  # the swept lr keeps min_lr / lr
 with open(out.parent.parent / "calls.txt", "a") as f:
     f.write(out.name + "\n")
 rows = [{"step": 0, "kind": "val", "val/loss": 9.0}, {"step": steps, "kind": "val", "val/loss": final},
@@ -456,3 +456,16 @@ def test_char_presets_use_the_sweeps_best_learning_rates():
         assert math.isclose(train.learning_rate, float(r["lr"])), (r["preset"], train.learning_rate, r["lr"])
         assert math.isclose(train.min_lr, train.learning_rate / 10)
         assert len(r["lr_grid"].split()) >= 4 and not r["lr_note"], (r["preset"], r["lr_grid"], r["lr_note"])
+
+
+def test_reuse_matches_flags_by_value_not_spelling():
+    """A finished run is reused when its recorded flags equal the new ones by value (a min_lr spelled
+    0.00030000000000000003 by one version and 0.0003 by another), and never when any flag differs."""
+    from letngpt.compare import same_flags
+
+    old = "--config=char_nGPT --seed=1337 --learning_rate=0.003 --min_lr=0.00030000000000000003 --data_dir=/d\n"
+    assert same_flags(old, "--config=char_nGPT --seed=1337 --learning_rate=0.003 --min_lr=0.0003 --data_dir=/d\n")
+    assert not same_flags(old, "--config=char_nGPT --seed=1337 --learning_rate=0.003 --min_lr=0.0004 --data_dir=/d")
+    assert not same_flags(old, "--config=char_nGPT --seed=1338 --learning_rate=0.003 --min_lr=0.0003 --data_dir=/d")
+    assert not same_flags(old, "--config=char_GPT --seed=1337 --learning_rate=0.003 --min_lr=0.0003 --data_dir=/d")
+    assert not same_flags(old, "--config=char_nGPT --seed=1337 --learning_rate=0.003 --data_dir=/d")
