@@ -14,6 +14,7 @@ import torch
 from bench.env import sync
 from bench.steps import StepRunner
 from letngpt.config import ModelConfig
+from letngpt.distributed import WORLD_ENV_VARS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,13 +67,8 @@ def probe_memory(cfg: ModelConfig, batch_size: int, device: torch.device, dtype:
     return out
 
 
-# Set by letngpt.distributed.init_distributed once this process has run a step: a probe process
-# inheriting them would try to join this process's world of one instead of starting its own.
-WORLD_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def subprocess_env(threads: int | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in WORLD_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in WORLD_ENV_VARS}  # a world of its own
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

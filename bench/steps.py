@@ -44,7 +44,7 @@ class StepRunner:
         self.model = self.engine.module
         self.guard = NonFiniteGuard(self.model, device, max_consecutive=train.max_nonfinite_steps)
         self.post_step = PostStepHook(run, dtype)
-        self.optimizer_impl = "fused AdamW" if device.type == "cuda" else "AdamW (foreach)"
+        self.optimizer_impl = "fused AdamW" if self.opt.defaults.get("fused") else "AdamW (foreach)"
         self.optimizer_impl += f", DeepSpeed ZeRO {self.engine.zero_optimization_stage()}"
         gen = torch.Generator().manual_seed(seed)
         data = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=gen).to(device)

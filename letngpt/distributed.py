@@ -58,6 +58,11 @@ def _skip_deepspeed_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+# What a launcher (or init_distributed, for a world of one) puts in the environment. A child process
+# that should start a world of its own must not inherit them, or it would try to join this one.
+WORLD_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init_distributed(requested_device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU) and DeepSpeed's comm layer."""
     if "RANK" not in os.environ:  # a single process: make it a world of one

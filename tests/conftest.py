@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from letngpt.distributed import WORLD_ENV_VARS
+
 # Tiny models run fastest on one thread, and a second process on the 2 cores (a worker rank,
 # another job) makes a multi-threaded pool spin: one test took 300 s instead of 10 s that way.
 # Subprocesses get OMP_NUM_THREADS=1 from subprocess_env below.
@@ -33,7 +35,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
                TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken")))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
+    for key in (*WORLD_ENV_VARS, "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     env.update(extra)
     return env
