@@ -445,17 +445,22 @@ def test_matched_presets_have_ngpt_non_embedding_size(ngpt, matched):
     assert model_costs(unmatched, 1)["non_embedding_params"] > 1.2 * n_base  # what matching removes
 
 
-def test_char_presets_use_the_sweeps_best_learning_rates():
-    """The char_* presets' learning rates are the ones the committed sweep picked (results.csv: each
-    preset at its best lr), and no pick sat at the edge of its grid; min_lr stays lr / 10."""
-    rows = list(csv.DictReader((ROOT / "docs/sweeps/char_tinyshakespeare/results.csv").open()))
-    assert {r["preset"] for r in rows} == {"char_GPT", "char_nGPT", "char_LETNGPT", "char_LETNGPT_matched",
-                                           "char_LETTransformer"}
+# The BPE sweep (docs/sweeps/README.md) joins with ("bpe_tinyshakespeare", "tiny", 3, 0.0) once complete.
+@pytest.mark.parametrize("sweep, prefix, grid_points, min_lr_ratio", [("char_tinyshakespeare", "char", 4, 0.1)])
+def test_presets_use_the_sweeps_best_learning_rates(sweep: str, prefix: str, grid_points: int,
+                                                    min_lr_ratio: float):
+    """The char_* and tiny_* presets' learning rates are the ones their committed sweep picked
+    (results.csv: each preset at its best lr), and no pick sat at the edge of its grid; min_lr keeps
+    its ratio to lr (char: lr / 10, nanoGPT's; tiny: 0)."""
+    rows = list(csv.DictReader((ROOT / "docs/sweeps" / sweep / "results.csv").open()))
+    assert {r["preset"] for r in rows} == {f"{prefix}_{arch}" for arch in (
+        "GPT", "nGPT", "LETNGPT", "LETNGPT_matched", "LETTransformer")}
     for r in rows:
         train = get_config(r["preset"]).train
         assert math.isclose(train.learning_rate, float(r["lr"])), (r["preset"], train.learning_rate, r["lr"])
-        assert math.isclose(train.min_lr, train.learning_rate / 10)
-        assert len(r["lr_grid"].split()) >= 4 and not r["lr_note"], (r["preset"], r["lr_grid"], r["lr_note"])
+        assert math.isclose(train.min_lr, train.learning_rate * min_lr_ratio)
+        assert len(r["lr_grid"].split()) >= grid_points and not r["lr_note"], (r["preset"], r["lr_grid"],
+                                                                               r["lr_note"])
 
 
 def test_reuse_matches_flags_by_value_not_spelling():
