@@ -445,8 +445,8 @@ def test_matched_presets_have_ngpt_non_embedding_size(ngpt, matched):
     assert model_costs(unmatched, 1)["non_embedding_params"] > 1.2 * n_base  # what matching removes
 
 
-# The BPE sweep (docs/sweeps/README.md) joins with ("bpe_tinyshakespeare", "tiny", 3, 0.0) once complete.
-@pytest.mark.parametrize("sweep, prefix, grid_points, min_lr_ratio", [("char_tinyshakespeare", "char", 4, 0.1)])
+@pytest.mark.parametrize("sweep, prefix, grid_points, min_lr_ratio", [
+    ("char_tinyshakespeare", "char", 4, 0.1), ("bpe_tinyshakespeare", "tiny", 3, 0.0)])
 def test_presets_use_the_sweeps_best_learning_rates(sweep: str, prefix: str, grid_points: int,
                                                     min_lr_ratio: float):
     """The char_* and tiny_* presets' learning rates are the ones their committed sweep picked
