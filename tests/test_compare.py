@@ -240,7 +240,8 @@ def test_a_failing_variant_is_reported_and_the_others_still_run(tmp_path, monkey
     assert code == 1
     assert "simulated crash in tiny_nGPT" in captured.err and "1 run(s) failed" in captured.out
     md = (out / "results.md").read_text()
-    assert "tiny_nGPT lr 0.003 seed 1337 (4 steps) failed" in md and "simulated crash" in md
+    lr = get_config("tiny_nGPT").train.learning_rate  # no --lrs: the preset's own rate
+    assert f"tiny_nGPT lr {lr:g} seed 1337 (4 steps) failed" in md and "simulated crash" in md
     with open(out / "results.csv", newline="") as f:
         rows = {r["preset"]: r for r in csv.DictReader(f)}
     assert rows["tiny_nGPT"]["final_val_mean"] == ""
