@@ -22,6 +22,7 @@ per layer against nGPT's 4 d^2, and 3 d * hidden in the MLP pays for the differe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from .config import ConfigError, ModelConfig, RunConfig, TrainConfig
@@ -112,21 +113,23 @@ for _ctx, _tag in ((1024, "1k"), (4096, "4k")):
     _PRESETS[f"LETTransformer_{_tag}ctx_10k_lr30e-4"] = (
         lambda c=_ctx: _big(c, use_ngpt=False, num_maps=3, n_head=8))
 _PRESETS["LETNGPT_1kctx_10k_lr30e-4_maps5"] = lambda: _big(1024, use_ngpt=True, num_maps=5, n_head=8)
-_ARCHS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3), "LETTransformer": (False, 3)}
-for _arch, (_ngpt, _maps) in _ARCHS.items():
-    _PRESETS[f"tiny_{_arch}"] = lambda n=_ngpt, m=_maps, lr=TINY_LR[_arch]: _tiny(use_ngpt=n, num_maps=m, lr=lr)
-_PRESETS["tiny_LETNGPT_matched"] = lambda: _matched(
-    lambda: _tiny(use_ngpt=True, num_maps=3, lr=TINY_LR["LETNGPT_matched"]))
-# Not swept: 5 maps take the 3-map LET-nGPT's rate.
-_PRESETS["tiny_LETNGPT_maps5"] = lambda: _tiny(use_ngpt=True, num_maps=5, lr=TINY_LR["LETNGPT"])
 _PRESETS["LETNGPT_1kctx_10k_lr30e-4_matched"] = lambda: _matched(
     lambda: _big(1024, use_ngpt=True, num_maps=3, n_head=8), multiple=64)
-for _prefix, _gpu, _lr in (("char", False, CHAR_LR), ("char_gpu", True, CHAR_GPU_LR)):
+# The swept families: every architecture, plus LET-nGPT matched, at its own family's learning rate.
+_ARCHS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3), "LETTransformer": (False, 3)}
+_FAMILIES: dict[str, tuple[Callable[..., RunConfig], dict[str, float]]] = {
+    "tiny": (_tiny, TINY_LR),
+    "char": (functools.partial(_char, gpu=False), CHAR_LR),
+    "char_gpu": (functools.partial(_char, gpu=True), CHAR_GPU_LR),
+}
+for _prefix, (_make, _lr) in _FAMILIES.items():
     for _arch, (_ngpt, _maps) in _ARCHS.items():
         _PRESETS[f"{_prefix}_{_arch}"] = (
-            lambda n=_ngpt, m=_maps, g=_gpu, lr=_lr[_arch]: _char(use_ngpt=n, num_maps=m, lr=lr, gpu=g))
+            lambda f=_make, n=_ngpt, m=_maps, lr=_lr[_arch]: f(use_ngpt=n, num_maps=m, lr=lr))
     _PRESETS[f"{_prefix}_LETNGPT_matched"] = (
-        lambda g=_gpu, lr=_lr["LETNGPT_matched"]: _matched(lambda: _char(use_ngpt=True, num_maps=3, lr=lr, gpu=g)))
+        lambda f=_make, lr=_lr["LETNGPT_matched"]: _matched(lambda: f(use_ngpt=True, num_maps=3, lr=lr)))
+# Not swept: 5 maps take the 3-map LET-nGPT's rate.
+_PRESETS["tiny_LETNGPT_maps5"] = lambda: _tiny(use_ngpt=True, num_maps=5, lr=TINY_LR["LETNGPT"])
 
 DEFAULT_PRESET = "tiny_LETNGPT"
 
