@@ -323,8 +323,9 @@ def log_to_parent(tracker: Tracker, report: dict, plan: Plan, extra: list[Path])
     metrics: dict[str, float | None] = {"target_val_loss": report["target"]}
     for row in report["rows"]:
         for key in ("final_val_mean", "final_val_std", "steps_to_target_curve", "step_ratio_vs_baseline",
-                    "time_to_target_s", "tokens_per_s", "wall_time_s", "lr"):
-            metrics[f"{row['preset']}/{key}"] = row[key]
+                    "time_to_target_s", "tokens_per_s", "wall_time_s", "lr", "paired_diff_mean", "paired_diff_std",
+                    "paired_ci95_low", "paired_ci95_high"):
+            metrics[f"{row['preset']}/{key}"] = row.get(key)
     tracker.log_metrics(metrics, step=0)
     tracker.log_params({"best_lr": {r["preset"]: r["lr"] for r in report["rows"]}})
     for path in [*report["paths"].values(), *extra]:

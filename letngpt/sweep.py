@@ -220,3 +220,77 @@ def model_costs(cfg: ModelConfig, tokens_per_step: int) -> dict[str, float]:
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(embedding))
     return {"non_embedding_params": params, "flops_per_token": flops_per_token(cfg),
             "tokens_per_step": tokens_per_step}
+
+
+# --- paired statistics --------------------------------------------------------------------------------------
+
+
+def t_quantile(dof: int, level: float = 0.95) -> float:
+    """The two-sided `level` quantile of Student's t with `dof` degrees of freedom (scipy, via mlflow)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, dof))
+
+
+def paired_difference(variant: Group, baseline: Group) -> dict:
+    """Final val loss of `variant` minus `baseline`, seed by seed, over the seeds both finished: within a
+    seed both saw the same batches and evaluation windows, so the seed's own luck cancels and only the
+    difference between the models is left. Mean, sample std and the 95% t-interval of the mean
+    (mean +- t(0.975, n - 1) * std / sqrt(n)); std and interval are None below two seeds."""
+    base = {r.seed: r.final_val_loss for r in baseline.ok_runs}
+    diffs = [r.final_val_loss - base[r.seed] for r in variant.ok_runs if r.seed in base]
+    out: dict = {"paired_seeds": len(diffs), "paired_diff_mean": statistics.fmean(diffs) if diffs else None,
+                 "paired_diff_std": None, "paired_ci95_low": None, "paired_ci95_high": None}
+    if len(diffs) >= 2:
+        std = statistics.stdev(diffs)
+        half = t_quantile(len(diffs) - 1) * std / math.sqrt(len(diffs))
+        mean = out["paired_diff_mean"]
+        out.update(paired_diff_std=std, paired_ci95_low=mean - half, paired_ci95_high=mean + half)
+    return out
+
+
+def paired_words(preset: str, baseline: str, paired: dict) -> str:
+    """One sentence on a paired difference, saying plainly when its interval contains 0."""
+    n, mean = paired["paired_seeds"], paired["paired_diff_mean"]
+    if mean is None:
+        return f"{preset} - {baseline}: no seed on which both finished"
+    if paired["paired_diff_std"] is None:
+        return f"{preset} - {baseline}: {mean:+.4f} on {n} seed (no interval below two seeds)"
+    low, high = paired["paired_ci95_low"], paired["paired_ci95_high"]
+    text = (f"{preset} - {baseline}: {mean:+.4f} +- {paired['paired_diff_std']:.4f} (mean +- sample std of "
+            f"{n} per-seed differences), 95% t-interval [{low:+.4f}, {high:+.4f}]")
+    if low <= 0 <= high:
+        return text + ": it contains 0, so these seeds do not resolve a difference"
+    return text + f": {preset} is {'lower' if high < 0 else 'higher'} than {baseline} on these seeds"
+
+
+def lr_margin(groups: Sequence[Group], preset: str, steps: int, best_lr: float) -> dict:
+    """How firmly the grid picked `best_lr`: its margin over the runner-up (mean final loss over the seeds
+    every grid point ran, as choose_best judged it) against the seed noise of such a margin, the
+    standard error of a difference of two k-seed means, std * sqrt(2 / k), with std the sample std
+    over the seeds at the best lr (conservative: shared batches cancel part of it)."""
+    grid = [g for g in groups if g.preset == preset and g.steps == steps and any(r.error != NOT_RUN for r in g.runs)]
+    out: dict = {"lr_runner_up": None, "lr_margin": None, "lr_seed_noise": None, "lr_grid_seeds": 0,
+                 "lr_margin_note": ""}
+    if len(grid) < 2:
+        return out
+    seeds = set.intersection(*({r.seed for r in g.runs if r.error != NOT_RUN} for g in grid))
+    score = {}
+    for g in grid:
+        mean = Group(g.preset, g.lr, g.steps, [r for r in g.runs if r.seed in seeds]).final_mean
+        score[g.lr] = math.inf if mean is None else mean
+    best = next((g for g in grid if g.lr == best_lr), None)
+    if not seeds or best is None or not math.isfinite(score[best_lr]):
+        return out
+    second, runner = min((v, lr) for lr, v in score.items() if lr != best_lr)
+    if not math.isfinite(second):
+        return out
+    out.update(lr_runner_up=runner, lr_margin=second - score[best_lr], lr_grid_seeds=len(seeds))
+    if best.ok and len(best.runs) >= 2:
+        out["lr_seed_noise"] = best.final_std * math.sqrt(2 / len(seeds))
+        if out["lr_margin"] < out["lr_seed_noise"]:
+            out["lr_margin_note"] = (
+                f"margin {out['lr_margin']:.4f} over lr {runner:g} is below the seed noise "
+                f"{out['lr_seed_noise']:.4f}: not resolved on {len(seeds)} grid seed(s), rerun with "
+                f"--grid_seeds > {len(seeds)}")
+    return out

@@ -18,16 +18,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .report import step_ratio, steps_to_target
-from .sweep import Group, budget_steps_to_target
+from .sweep import Group, budget_steps_to_target, lr_margin, paired_difference, paired_words
 
 COLUMNS = ["preset", "lr", "lr_grid", "lr_note", "seeds", "final_val_mean", "final_val_std",
            "non_embedding_params", "flops_per_token", "total_flops", "steps_to_target_curve",
            "steps_to_target_budgets", "step_ratio_vs_baseline", "flops_to_target", "time_to_target_s",
-           "tokens_per_s", "wall_time_s"]
+           "tokens_per_s", "wall_time_s", "paired_diff_mean", "paired_diff_std", "paired_ci95_low",
+           "paired_ci95_high", "lr_margin", "lr_seed_noise"]
 HEADERS = ["preset", "best lr", "lr grid (run)", "best at grid edge?", "seeds", "final val (mean)", "std",
            "non-emb params", "train FLOPs/token", "total train FLOPs", "steps to target (one schedule)",
            "steps to target (budget runs)", "baseline steps / steps", "train FLOPs to target",
-           "train time to target (s)", "tokens/s", "wall time (s)"]
+           "train time to target (s)", "tokens/s", "wall time (s)", "paired diff vs baseline (mean)",
+           "paired diff (std)", "paired 95% low", "paired 95% high", "lr margin over runner-up",
+           "seed noise of that margin"]
 
 
 def _fmt(value, key: str) -> str:
@@ -39,8 +42,10 @@ def _fmt(value, key: str) -> str:
         return f"{value / 1e6:.3f}M"
     if key in ("flops_per_token", "total_flops", "flops_to_target"):
         return f"{value:.3g}"
-    if key in ("final_val_mean", "final_val_std"):
+    if key in ("final_val_mean", "final_val_std", "paired_diff_std", "lr_margin", "lr_seed_noise"):
         return f"{value:.4f}"
+    if key.startswith("paired_"):
+        return f"{value:+.4f}"
     if key in ("lr",):
         return f"{value:g}"
     if key in ("step_ratio_vs_baseline",):
@@ -180,7 +185,23 @@ NOTES = [
     "6 x matmul weights + attention (every map counted), per token (letngpt.flops); total = x tokens.",
     "Train time to target: steps to target x the mean training time per step (no evals/checkpoints). Wall "
     "time: the trainer's loop with evals and checkpoint saves, mean over seeds.",
+    "Paired diff: the preset's final val loss minus the baseline's on the same seed (same batches and "
+    "evaluation windows), mean and sample std over the seeds both ran, and the 95% t-interval of the mean "
+    "(mean +- t(0.975, n-1) std / sqrt(n)); negative = lower loss than the baseline.",
+    "lr margin: the runner-up lr's mean final loss minus the best's, over the grid seeds k; its seed noise: "
+    "the sample std over seeds at the best lr x sqrt(2 / k), the standard error of such a difference.",
 ]
+
+
+def stats_words(rows: Sequence[dict]) -> str:
+    """The paired differences against the baseline and the learning-rate picks, in words."""
+    paired = "\n".join(f"- {r['paired_note']}." for r in rows if r.get("paired_note"))
+    picks = "\n".join(f"- {r['preset']}, lr {r['lr']:g}: {r['lr_margin_note']}." for r in rows
+                      if r.get("lr_margin_note"))
+    parts = ["## Paired differences against the baseline (final val loss, same seeds)", paired] if paired else []
+    if picks:
+        parts += ["## Learning-rate picks within the seed noise", picks]
+    return "\n\n".join(parts)
 
 
 def write_sweep_report(groups: Sequence[Group], best: dict[str, dict], costs: dict[str, dict],
@@ -197,6 +218,11 @@ def write_sweep_report(groups: Sequence[Group], best: dict[str, dict], costs: di
     rows = [preset_row(g, best[g.preset], costs[g.preset], budgets[g.preset], target, max_iters)
             for g in best_groups]
     add_ratios(rows, baseline)
+    for row, g in zip(rows, best_groups, strict=True):
+        row.update(lr_margin(groups, g.preset, max_iters, g.lr))
+        if base is not None and g is not base:
+            row.update(paired_difference(g, base))
+            row["paired_note"] = paired_words(g.preset, baseline, row)
     paths = {"png": out / "val_loss.png", "flops_png": out / "val_loss_flops.png", "csv": out / "results.csv",
              "md": out / "results.md", "grid": out / "grid.csv", "runs": out / "runs.csv"}
     plot(best_groups, budgets, costs, target, paths, title)
@@ -216,6 +242,40 @@ def write_sweep_report(groups: Sequence[Group], best: dict[str, dict], costs: di
     failures = [f"### {g.preset} lr {g.lr:g} seed {r.seed} ({g.steps} steps) failed\n\n```\n{r.error}\n```"
                 for g in groups for r in g.runs if r.error]
     body = [header.strip(), f"Baseline `{baseline}`; target = its mean final val loss = {target_text}.", table,
-            "\n".join(f"- {n}" for n in NOTES), "## Every (preset, lr, budget)", grid_md, *failures]
+            "\n".join(f"- {n}" for n in NOTES), stats_words(rows), "## Every (preset, lr, budget)", grid_md,
+            *failures]
     paths["md"].write_text("\n\n".join(b for b in body if b) + "\n")
     return {"rows": rows, "target": target, "table": table, "paths": paths, "grid": grid}
+
+
+def rebuild(folder: Path) -> dict:
+    """Rewrite a sweep's report files from its own results.json (every run's val curve, the lr picks, the
+    costs), without the run folders: how docs/sweeps' committed reports take a new column. The header
+    (command, machine, date) is the old results.md's; results.json gains the new row keys."""
+    import json
+    import shlex
+
+    from .report import Result
+    from .sweep import Spec, group_results
+
+    details = json.loads((folder / "results.json").read_text())
+    runs = [Result(**r) for r in details["runs"]]
+    specs = [Spec(r.preset, r.lr, r.seed, r.budget) for r in runs]
+    max_iters = max(s.steps for s in specs)
+    header = (folder / "results.md").read_text().split("\n\nBaseline `")[0]
+    argv = shlex.split(details["command"])
+    data_name = Path(argv[argv.index("--data_dir") + 1]).name if "--data_dir" in argv else folder.name
+    report = write_sweep_report(group_results(runs, specs), details["best"], details["costs"],
+                                details["baseline"], max_iters, folder, header,
+                                f"{data_name}: {max_iters} steps, {', '.join(details['best'])}")
+    details["rows"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["rows"]]
+    details["grid"] = report["grid"]
+    (folder / "results.json").write_text(json.dumps(details, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    import sys
+
+    for arg in sys.argv[1:]:  # python -m letngpt.sweep_report docs/sweeps/char_tinyshakespeare ...
+        print(rebuild(Path(arg))["paths"]["md"])
