@@ -6,7 +6,12 @@ Definitions (also printed under the table):
 - steps to target (one schedule): where the mean curve of the full-budget runs first reaches the target,
   linearly interpolated between evals (the old reading, kept for comparison);
 - steps to target (budget runs): final loss of SEPARATE runs at each budget, interpolated against
-  log(steps) (letngpt.sweep.budget_steps_to_target); "< B"/"> B" when the target lies outside the budgets.
+  log(steps) (letngpt.sweep.budget_steps_to_target); "< B"/"> B" when the target lies outside the budgets;
+- paired differences: each preset's final val loss minus the baseline's on the same seed, with a 95%
+  t-interval (letngpt.sweep.paired_difference).
+
+`python -m letngpt.sweep_report FOLDER` rewrites a finished sweep's files from its results.json alone (no run
+folders needed); `--against nGPT` prints every preset's paired differences against another preset instead.
 """
 
 from __future__ import annotations
@@ -248,6 +253,18 @@ def write_sweep_report(groups: Sequence[Group], best: dict[str, dict], costs: di
     return {"rows": rows, "target": target, "table": table, "paths": paths, "grid": grid}
 
 
+def load_sweep(folder: Path) -> tuple[dict, list[Group]]:
+    """A finished sweep's results.json and its runs grouped by (preset, lr, steps), in the order it ran them."""
+    import json
+
+    from .report import Result
+    from .sweep import Spec, group_results
+
+    details = json.loads((folder / "results.json").read_text())
+    runs = [Result(**r) for r in details["runs"]]
+    return details, group_results(runs, [Spec(r.preset, r.lr, r.seed, r.budget) for r in runs])
+
+
 def rebuild(folder: Path) -> dict:
     """Rewrite a sweep's report files from its own results.json (every run's val curve, the lr picks, the
     costs), without the run folders: how docs/sweeps' committed reports take a new column. The header
@@ -255,27 +272,52 @@ def rebuild(folder: Path) -> dict:
     import json
     import shlex
 
-    from .report import Result
-    from .sweep import Spec, group_results
-
-    details = json.loads((folder / "results.json").read_text())
-    runs = [Result(**r) for r in details["runs"]]
-    specs = [Spec(r.preset, r.lr, r.seed, r.budget) for r in runs]
-    max_iters = max(s.steps for s in specs)
+    details, groups = load_sweep(folder)
+    max_iters = max(g.steps for g in groups)
     header = (folder / "results.md").read_text().split("\n\nBaseline `")[0]
     argv = shlex.split(details["command"])
     data_name = Path(argv[argv.index("--data_dir") + 1]).name if "--data_dir" in argv else folder.name
-    report = write_sweep_report(group_results(runs, specs), details["best"], details["costs"],
-                                details["baseline"], max_iters, folder, header,
-                                f"{data_name}: {max_iters} steps, {', '.join(details['best'])}")
+    report = write_sweep_report(groups, details["best"], details["costs"], details["baseline"], max_iters, folder,
+                                header, f"{data_name}: {max_iters} steps, {', '.join(details['best'])}")
     details["rows"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["rows"]]
     details["grid"] = report["grid"]
     (folder / "results.json").write_text(json.dumps(details, indent=2))
     return report
 
 
-if __name__ == "__main__":
+def paired_against(folder: Path, reference: str) -> list[str]:
+    """Every preset at its best lr against `reference` (a preset, or its suffix: `nGPT` finds `char_nGPT`) at
+    its best lr, paired by seed, at every step budget both ran: the comparisons a report's baseline column
+    does not make (LET-nGPT vs nGPT)."""
+    details, groups = load_sweep(folder)
+    best = {p: info["lr"] for p, info in details["best"].items()}
+    reference = next((p for p in best if p == reference or p.endswith(f"_{reference}")), reference)
+    if reference not in best:
+        raise ValueError(f"--against {reference!r}: no such preset in {folder} (presets: {', '.join(best)})")
+    at = {(g.preset, g.steps): g for g in groups if g.lr == best[g.preset]}
+    return [f"{steps} steps: {paired_words(preset, reference, paired_difference(g, at[(reference, steps)]))}"
+            for (preset, steps), g in sorted(at.items(), key=lambda kv: kv[0][1])
+            if preset != reference and (reference, steps) in at]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
     import sys
 
-    for arg in sys.argv[1:]:  # python -m letngpt.sweep_report docs/sweeps/char_tinyshakespeare ...
-        print(rebuild(Path(arg))["paths"]["md"])
+    p = argparse.ArgumentParser(prog="python -m letngpt.sweep_report", description=__doc__.split("\n")[0])
+    p.add_argument("folders", nargs="+", type=Path, help="sweep report folders holding results.json")
+    p.add_argument("--against", default=None, metavar="PRESET",
+                   help="print paired differences against PRESET at every budget instead of rewriting the files")
+    ns = p.parse_args(argv)
+    for folder in ns.folders:
+        try:
+            if not (folder / "results.json").exists():
+                raise ValueError(f"{folder}: no results.json (not a sweep report folder)")
+            print("\n".join(paired_against(folder, ns.against)) if ns.against else rebuild(folder)["paths"]["md"])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

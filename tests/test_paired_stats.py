@@ -136,3 +136,30 @@ def test_committed_reports_carry_the_paired_statistics(sweep, tmp_path):
         assert float(row["paired_ci95_high"]) == pytest.approx(mean + half, abs=1e-12)
         line = next(x for x in md.splitlines() if x.startswith(f"- {preset} - {base}: "))
         assert ("contains 0" in line) == (mean - half <= 0 <= mean + half), line
+
+
+def test_paired_against_another_preset_at_every_budget(capsys):
+    """`python -m letngpt.sweep_report FOLDER --against nGPT`: LET-nGPT minus nGPT per seed, at each budget."""
+    from letngpt.sweep_report import main
+
+    main([str(ROOT / "docs/sweeps/char_tinyshakespeare"), "--against", "nGPT"])
+    lines = capsys.readouterr().out.splitlines()
+    runs = list(csv.DictReader((ROOT / "docs/sweeps/char_tinyshakespeare/runs.csv").open()))
+    final = {(r["preset"], float(r["lr"]), int(r["steps"]), int(r["seed"])): float(r["final_val_loss"]) for r in runs}
+    diffs = [final[("char_LETNGPT", 1e-2, 250, s)] - final[("char_nGPT", 3e-3, 250, s)] for s in (1337, 1338, 1339)]
+    line = next(x for x in lines if x.startswith("250 steps: char_LETNGPT - char_nGPT: "))
+    assert f"{sum(diffs) / 3:+.4f}" in line and len(lines) == 4 * 4  # 4 presets x 4 budgets
+
+
+CHAR_SWEEP = str(ROOT / "docs/sweeps/char_tinyshakespeare")
+
+
+@pytest.mark.parametrize("argv, message", [([CHAR_SWEEP, "--against", "no_such"], "no such preset"),
+                                           (["/nonexistent", "--against", "nGPT"], "no results.json")])
+def test_sweep_report_bad_input_is_one_line_exit_2(argv, message, capsys):
+    from letngpt.sweep_report import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
