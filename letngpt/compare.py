@@ -78,7 +78,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--grid_seeds", type=int, default=None,
                    help="run the lr grid on the first K seeds only, then the best lr on all (default: all)")
     p.add_argument("--budgets", default="", help="smaller step budgets, e.g. 250,500,1000: separate runs at the best "
-                                                  "lr, each with its own full schedule, for steps-to-target")
+                                                  "lr, each with its own full schedule, for steps-to-target (warmup "
+                                                  "stays the preset's, not scaled)")
     p.add_argument("--budget_seeds", type=int, default=None, help="seeds per budget run (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1: sequential)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores // jobs)")
