@@ -5,6 +5,7 @@ carry them. Every reference value is worked out by hand from the formulas in the
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 import statistics
@@ -121,6 +122,10 @@ def test_committed_reports_carry_the_paired_statistics(sweep, tmp_path):
     final = {(r["preset"], float(r["lr"]), int(r["seed"])): float(r["final_val_loss"]) for r in runs
              if int(r["steps"]) == full}
     base = next(p for p in rows if p.endswith("_GPT"))
+    details = json.loads((committed / "results.json").read_text())
+    for row in details["rows"]:  # what compare writes: the same row keys, `paired_*` included
+        assert row["preset"] == base or float(rows[row["preset"]]["paired_diff_mean"]) == row["paired_diff_mean"]
+        assert row["preset"] == base or "paired_note" in row
     for preset, row in rows.items():
         if preset == base:
             assert row["paired_diff_mean"] == ""
