@@ -514,7 +514,8 @@ def make_launcher(plan: Plan, ns: argparse.Namespace, extras: list[str], data_di
     if ns.threads:
         env["OMP_NUM_THREADS"] = str(ns.threads)
     return SlurmLauncher(submission, plan.sbatch, env, max_retries=ns.max_retries, wait=ns.wait, poll_s=ns.poll,
-                         finished=lambda sub: finished_run(sub, uri), same_run=same_flags, dry_run=ns.dry_run)
+                         finished=lambda sub: finished_run(sub, uri), same_run=same_flags, dry_run=ns.dry_run,
+                         report_only=ns.report_only)
 
 
 def cost_plan(plan: Plan, ns: argparse.Namespace) -> str:
@@ -577,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         launcher = make_launcher(plan, ns, extras, data_dir, out, uri, None)
-        if isinstance(launcher, SlurmLauncher):
+        if isinstance(launcher, SlurmLauncher) and not ns.report_only:
             launcher.check(plan.presets)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

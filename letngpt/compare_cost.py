@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .config import RunConfig
-from .plan import Cluster, plan
+from .plan import Cluster, PlanError, plan
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,10 @@ def run_cost(preset: str, run: RunConfig, res: Resources, gpu: str, mfu: float) 
     if not res.per_node:
         return RunCost(preset, res, None, "GPUs per node unknown: give --sbatch_args='--gpus-per-node=N' or --nproc")
     t = run.train
-    p = plan(run, Cluster(res.nodes, res.per_node, t.tp, t.zero_stage, gpu, mfu))
+    try:
+        p = plan(run, Cluster(res.nodes, res.per_node, t.tp, t.zero_stage, gpu, mfu))
+    except PlanError as e:
+        raise PlanError(f"{preset} on {res.nodes} node(s) x {res.per_node} GPUs: {e}") from None
     return RunCost(preset, res, p["step_s"], "" if p["fits"] else "DOES NOT FIT in GPU memory (estimate)")
 
 
@@ -97,7 +100,9 @@ def stages(presets: list[str], grids: dict[str, list[float]], seeds: int, grid_s
 
 
 def _h(value: float | None, unit: str = "h") -> str:
-    return "n/a" if value is None else f"{value:,.1f} {unit}" if value >= 10 else f"{value:.3g} {unit}"
+    if value is None:
+        return "n/a" if unit == "h" else f"n/a {unit}"
+    return f"{value:,.1f} {unit}" if value >= 10 else f"{value:.3g} {unit}"
 
 
 def estimate(costs: dict[str, RunCost], staged: list[tuple[str, list[tuple[str, int, int]]]], gpu: str,

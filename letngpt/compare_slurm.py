@@ -104,11 +104,12 @@ class SlurmLauncher:
 
     def __init__(self, submission: Callable[[Spec], Submission], options: dict[str, list[str]], env: dict[str, str],
                  *, max_retries: int, wait: bool, poll_s: float, finished: Callable[[Submission], Result | None],
-                 same_run: Callable[[str, str], bool], dry_run: bool = False):
+                 same_run: Callable[[str, str], bool], dry_run: bool = False, report_only: bool = False):
         """`submission`: a Spec as a job; `finished`: the Result of a finished run in its folder, else None;
-        `same_run`: whether two run keys name the same run; `options`: sbatch options per preset."""
+        `same_run`: whether two run keys name the same run; `options`: sbatch options per preset; dry_run:
+        print the sbatch lines instead; report_only: submit nothing, say nothing."""
         self.submission, self.options, self.env, self.max_retries = submission, options, env, max_retries
-        self.wait, self.poll_s, self.dry_run = wait, poll_s, dry_run
+        self.wait, self.poll_s, self.dry_run, self.report_only = wait, poll_s, dry_run, report_only
         self.finished, self.same_run = finished, same_run
         self.submitted: list[str] = []  # job ids submitted by this invocation
         self._said: dict[str, str] = {}  # run name -> last status printed (print changes only)
@@ -176,6 +177,8 @@ class SlurmLauncher:
                             f"{state or 'no longer known to SLURM'}); {len(jobs)} attempts, --max_retries "
                             f"{self.max_retries}; log {log}:\n{tail}")
             return result
+        if self.report_only:
+            return sub.pending()
         if jobs:
             self._say(sub, "retry", f"job {jobs[-1]} of {sub.label} ended ({state or 'gone from squeue'}) without "
                                     f"finishing: resubmitting (retry {len(jobs)} of {self.max_retries})")
