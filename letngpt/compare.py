@@ -592,6 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # sbatch refused a job, squeue failed: what was submitted is recorded
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if ns.launcher != "slurm":
+            raise
+        print("interrupted: the submitted jobs go on; run the same command again to collect them", file=sys.stderr)
+        return 130
     where = (f"one SLURM job per run (sbatch {shlex.join(plan.sbatch[plan.presets[0]])})" if ns.launcher == "slurm"
              else f"{ns.nproc or 1} process(es) per run, {ns.jobs} run(s) at a time, on {machine()}")
     header = (f"# Convergence comparison\n\n`{command}`\n\nData `{data_dir}`, {ns.max_iters} steps per full run, "
