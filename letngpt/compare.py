@@ -17,6 +17,13 @@ steps to the baseline's loss), grid.csv and runs.csv (every group and run), val_
 band against steps, time and budget), val_loss_flops.png and results.json; the table is printed last.
 A failed run is reported and the others still run; the exit code is 1 if any failed, 2 for a bad
 command line.
+
+On a SLURM cluster (`--launcher slurm`, letngpt.compare_slurm) every run is one `sbatch slurm/launch.sh`
+job with --sbatch_args; the plan (runs per stage, GPU-hours and wall time from letngpt.plan's model,
+letngpt.compare_cost) is printed first, and --dry_run prints it with the sbatch command lines and submits
+nothing. Stages span invocations: the command submits what it can and exits (run it again later: it
+collects the finished runs, resubmits failed ones up to --max_retries and submits the next stage), or
+with --wait polls until the sweep is done. All runs log under one MLflow parent run (OUT/parent_run.json).
 """
 
 from __future__ import annotations
@@ -37,11 +44,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .cli import parse, split_args
+from .compare_cost import estimate, run_cost, sbatch_resources, stages
+from .compare_slurm import SlurmLauncher, Submission, parse_sbatch_args, read_record, require_slurm
 from .config import ConfigError, RunConfig, canonical_key
 from .data import DataError
 from .metrics import read_records
+from .plan import GPUS
 from .presets import get_config
 from .report import Result, pick_baseline, training_time_at
 from .sweep import NOT_RUN, Spec, choose_best, group_results, model_costs, parse_budgets, parse_lr_grids, parse_seeds
@@ -86,11 +97,23 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: report the finished runs in OUT/runs (a snapshot of a running sweep)")
     p.add_argument("--out", default="out/compare", help="report folder; runs in OUT/runs/ (finished ones reused)")
-    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes per run (torchrun when > 1; default 1); slurm: per node (default: its GPUs)")
     p.add_argument("--eval_interval", type=int, default=None, help="default: max_iters // 10")
     p.add_argument("--eval_iters", type=int, default=None, help="validation batches per eval (default: preset's)")
     p.add_argument("--baseline", default=None, help="preset whose final val loss is the target (default: the GPT)")
     p.add_argument("--tracking_uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///OUT/mlflow.db")
+    p.add_argument("--launcher", default="local", help="local (subprocesses here) or slurm (one sbatch job per run)")
+    p.add_argument("--sbatch_args", action="append", default=[], metavar="[PRESET=]ARGS",
+                   help="slurm: sbatch options for every job, e.g. --sbatch_args='-N 2 --gpus-per-node=8 -p gpu'; "
+                        "PRESET='...' for one preset's jobs (repeatable; the later options win)")
+    p.add_argument("--max_retries", type=int, default=2, help="slurm: resubmit a failed run this many times")
+    p.add_argument("--wait", action="store_true", help="slurm: poll until every stage has finished, then report "
+                                                       "(default: submit what can run now, report, exit)")
+    p.add_argument("--poll", type=float, default=60.0, help="slurm --wait: seconds between squeue polls")
+    p.add_argument("--dry_run", action="store_true", help="print the plan and the commands; run nothing")
+    p.add_argument("--gpu", default="H100-80GB", help=f"the plan's GPU ({', '.join(GPUS)})")
+    p.add_argument("--mfu", type=float, default=0.40, help="the plan's model FLOPs utilisation (assumed)")
     return p.parse_args(argv), extras
 
 
@@ -107,6 +130,7 @@ class Plan:
     budget_seeds: int
     baseline: str | None
     configs: dict[str, RunConfig] = field(default_factory=dict)  # preset + pass-through flags, full budget
+    sbatch: dict[str, list[str]] = field(default_factory=dict)  # preset -> its jobs' sbatch options (slurm)
 
 
 def check(ns: argparse.Namespace, extras: list[str]) -> Plan:
@@ -115,8 +139,14 @@ def check(ns: argparse.Namespace, extras: list[str]) -> Plan:
     presets = [p.strip() for p in ns.presets.split(",") if p.strip()]
     if not presets or len(set(presets)) != len(presets):
         raise ConfigError(f"--presets ({ns.presets!r}) must name distinct presets")
-    if min(ns.max_iters, ns.nproc, ns.jobs, 1 if ns.threads is None else ns.threads) < 1:
+    if min(ns.max_iters, ns.nproc or 1, ns.jobs, 1 if ns.threads is None else ns.threads) < 1:
         raise ConfigError("--max_iters, --nproc, --jobs and --threads must be >= 1")
+    if ns.launcher not in ("local", "slurm"):
+        raise ConfigError(f"--launcher {ns.launcher!r}: one of local, slurm")
+    if ns.max_retries < 0 or ns.poll <= 0 or ns.gpu not in GPUS or not 0 < ns.mfu <= 1:
+        raise ConfigError(f"--max_retries must be >= 0, --poll > 0, --mfu in (0, 1] and --gpu one of {', '.join(GPUS)}")
+    if ns.launcher == "local" and (ns.sbatch_args or ns.wait):
+        raise ConfigError("--sbatch_args and --wait need --launcher slurm")
     for preset in presets:
         get_config(preset)  # a clear error for an unknown name
     grids = parse_lr_grids(ns.lrs, presets)
@@ -136,6 +166,7 @@ def check(ns: argparse.Namespace, extras: list[str]) -> Plan:
         for lr in plan.grids[preset]:  # each run's full configuration is valid, at every budget
             for steps in [ns.max_iters, *budgets]:
                 parse(run_flags(Spec(preset, lr, seeds[0], steps), plan, ns, extras))
+    plan.sbatch = parse_sbatch_args(ns.sbatch_args, presets)
     plan.baseline = ns.baseline or pick_baseline(presets)
     if ns.baseline and ns.baseline not in presets:
         raise ConfigError(f"--baseline {ns.baseline!r} is not one of --presets")
@@ -172,10 +203,17 @@ def budget_flags(ns: argparse.Namespace, steps: int) -> list[str]:
 def train_command(spec: Spec, plan: Plan, run_dir: Path, ns: argparse.Namespace, extras: list[str],
                   data_dir: Path, uri: str, parent_id: str | None) -> list[str]:
     launcher = [sys.executable]
-    if ns.nproc > 1:
+    if (ns.nproc or 1) > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ns.nproc}"]
-    return [*launcher, str(TRAIN_PY), *run_flags(spec, plan, ns, extras), f"--data_dir={data_dir}",
-            f"--out_dir={run_dir}", "--init_from=scratch", f"--tracking_uri={uri}", f"--experiment={EXPERIMENT}",
+    return [*launcher, str(TRAIN_PY), *job_flags(spec, plan, ns, extras, data_dir, run_dir, uri, parent_id),
+            "--init_from=scratch"]
+
+
+def job_flags(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str], data_dir: Path, run_dir: Path,
+              uri: str, parent_id: str | None) -> list[str]:
+    """train.py flags of one run, wherever it runs (a SLURM job resumes its own checkpoint: no --init_from)."""
+    return [*run_flags(spec, plan, ns, extras), f"--data_dir={data_dir}", f"--out_dir={run_dir}",
+            f"--tracking_uri={uri}", f"--experiment={EXPERIMENT}",
             *([f"--parent_run_id={parent_id}"] if parent_id else [])]
 
 
@@ -245,19 +283,32 @@ def reuse(run_dir: Path, key: str, steps: int) -> bool:
         return False
 
 
+def run_key(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str], data_dir: Path) -> str:
+    """What identifies a run's result: its flags and data (a finished run with the same key is reused)."""
+    return shlex.join(run_flags(spec, plan, ns, extras) + [f"--data_dir={data_dir}"]) + "\n"
+
+
+def describe(spec: Spec) -> str:
+    return f"{spec.preset} lr {spec.lr:g} seed {spec.seed} {spec.steps} steps"
+
+
+def stale_code(run_dir: Path) -> str:
+    made_with = (run_dir / "code.txt").read_text().strip() if (run_dir / "code.txt").exists() else "unknown"
+    return "" if made_with == code_fingerprint() else f"; WARNING: trained with other model code ({made_with})"
+
+
 def run_variant(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str], data_dir: Path, out: Path,
                 uri: str, parent_id: str | None) -> Result:
     """Train one Spec from scratch in OUT/runs/<name> (or reuse its finished run) and collect its curve."""
     run_dir = out / "runs" / spec.name
     cmd = train_command(spec, plan, run_dir, ns, extras, data_dir, uri, parent_id)
-    key = shlex.join(run_flags(spec, plan, ns, extras) + [f"--data_dir={data_dir}"]) + "\n"
-    label = f"{spec.preset} lr {spec.lr:g} seed {spec.seed} {spec.steps} steps"
+    key, label = run_key(spec, plan, ns, extras, data_dir), describe(spec)
     start, returncode = time.time(), 0
     if reuse(run_dir, key, spec.steps):
-        made_with = (run_dir / "code.txt").read_text().strip() if (run_dir / "code.txt").exists() else "unknown"
-        stale = "" if made_with == code_fingerprint() else f"; WARNING: trained with other model code ({made_with})"
-        print(f"reusing {label} ({run_dir}){stale}", flush=True)
-    elif ns.report_only:
+        print(f"reusing {label} ({run_dir}){stale_code(run_dir)}", flush=True)
+    elif ns.report_only or ns.dry_run:
+        if ns.dry_run:
+            print(shlex.join(cmd), flush=True)
         return Result(preset=spec.preset, lr=spec.lr, seed=spec.seed, budget=spec.steps, error=NOT_RUN)
     else:
         if run_dir.exists():  # unfinished or different: this one starts from scratch
@@ -352,55 +403,222 @@ def grid_order(spec: Spec, plan: Plan) -> tuple[int, int, int]:
     return abs(grid.index(spec.lr) - (len(grid) - 1) // 2), plan.presets.index(spec.preset), grid.index(spec.lr)
 
 
-def sweep(plan: Plan, ns: argparse.Namespace, run: Callable[[Spec], Result]) -> tuple[list[Spec], list[Result], dict]:
-    """The lr grid on the grid seeds; then, at each preset's best lr, the other seeds and the budget runs."""
+def planned(plan: Plan, ns: argparse.Namespace, results: dict[Spec, Result]) -> tuple[list[Spec], dict]:
+    """The runs the sweep has planned so far, and the best lr per preset: the lr grid on the grid seeds; then,
+    for each preset whose grid has finished (or failed) in `results`, its best lr on the other seeds and the
+    budget runs."""
     grid_seeds = plan.seeds[:plan.grid_seeds]
     specs = [Spec(p, lr, s, ns.max_iters) for p in plan.presets for lr in plan.grids[p] for s in grid_seeds]
     specs.sort(key=lambda spec: grid_order(spec, plan))
-    results = run_all(specs, run, ns.jobs)
-    best = choose_best(group_results(results, specs), ns.max_iters, grid_seeds)
-    more = [Spec(p, best[p]["lr"], s, ns.max_iters) for p in plan.presets for s in plan.seeds[plan.grid_seeds:]]
-    more += [Spec(p, best[p]["lr"], s, b) for b in plan.budgets for p in plan.presets
-             for s in plan.seeds[:plan.budget_seeds]]
-    return specs + more, results + run_all(more, run, ns.jobs), best
+    grid = [results.get(s) or pending(s) for s in specs]
+    best = choose_best(group_results(grid, specs), ns.max_iters, grid_seeds)
+    unfinished = {s.preset for s, r in zip(specs, grid, strict=True) if r.error == NOT_RUN}
+    ready = [p for p in plan.presets if p not in unfinished]
+    more = [Spec(p, best[p]["lr"], s, ns.max_iters) for p in ready for s in plan.seeds[plan.grid_seeds:]]
+    more += [Spec(p, best[p]["lr"], s, b) for b in plan.budgets for p in ready for s in plan.seeds[:plan.budget_seeds]]
+    return specs + more, best
+
+
+def pending(spec: Spec) -> Result:
+    return Result(preset=spec.preset, lr=spec.lr, seed=spec.seed, budget=spec.steps, error=NOT_RUN)
+
+
+class Launcher(Protocol):
+    """Runs a sweep's runs: `run(specs)` returns each one's Result, NOT_RUN for those still queued or running
+    (or, with --report_only / --dry_run, not run); `wait`: whether sweep polls until none is left."""
+
+    wait: bool
+    poll_s: float
+
+    def run(self, specs: list[Spec]) -> list[Result]: ...
+
+
+@dataclass
+class LocalLauncher:
+    """Every run a subprocess here, `jobs` at a time; run() returns when they have all ended."""
+
+    run_one: Callable[[Spec], Result]
+    jobs: int
+    wait: bool = False
+    poll_s: float = 0.0
+
+    def run(self, specs: list[Spec]) -> list[Result]:
+        return run_all(specs, self.run_one, self.jobs)
+
+
+def sweep(plan: Plan, ns: argparse.Namespace, launcher: Launcher) -> tuple[list[Spec], list[Result], dict]:
+    """Run each stage as soon as it is planned: the grid, then each preset's best lr on the other seeds and
+    budgets. A launcher that leaves runs queued returns after one pass unless it waits (slurm --wait)."""
+    results: dict[Spec, Result] = {}
+    while True:
+        specs, best = planned(plan, ns, results)
+        todo = [s for s in specs if results.get(s, pending(s)).error == NOT_RUN]
+        if not todo:
+            break
+        results.update(zip(todo, launcher.run(todo), strict=True))
+        if any(results[s].error == NOT_RUN for s in todo):
+            if not launcher.wait:
+                break
+            time.sleep(launcher.poll_s)
+    specs, best = planned(plan, ns, results)
+    return specs, [results.get(s) or pending(s) for s in specs], best
+
+
+PARENT_FILE = "parent_run.json"  # the MLflow parent run of a SLURM sweep, kept across invocations
+
+
+def stored_parent(out: Path, uri: str) -> str | None:
+    try:
+        record = json.loads((out / PARENT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("parent_run_id") if record.get("tracking_uri") == uri else None
+
+
+def finished_run(sub: Submission, uri: str) -> Result | None:
+    """The collected Result when sub.run_dir holds this run finished, else None. A SLURM job's run is marked
+    finished (spec.txt, code.txt: what reuse() reads) the first time its summary says max_iters."""
+    if not reuse(sub.run_dir, sub.key, sub.spec.steps):
+        record = read_record(sub.run_dir)
+        try:
+            summary = json.loads((sub.run_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if (not record or not same_flags(record.get("key", ""), sub.key) or summary.get("stop_reason") != "max_iters"
+                or summary.get("final_step") != sub.spec.steps):
+            return None
+        (sub.run_dir / "code.txt").write_text(f"{record.get('code', 'unknown')}\n")
+        (sub.run_dir / "spec.txt").write_text(sub.key)
+    spec = sub.spec
+    result = collect(sub.run_dir, uri, 0, Result(preset=spec.preset, lr=spec.lr, seed=spec.seed, budget=spec.steps))
+    if result.error:
+        print(f"FAILED {sub.label}:\n{result.error}", file=sys.stderr, flush=True)
+    else:
+        print(f"done {sub.label}: final val loss {result.losses[-1]:.4f}{stale_code(sub.run_dir)}", flush=True)
+    return result
+
+
+def make_launcher(plan: Plan, ns: argparse.Namespace, extras: list[str], data_dir: Path, out: Path, uri: str,
+                  parent_id: str | None) -> Launcher:
+    """The local launcher (today's subprocesses) or the SLURM one (letngpt.compare_slurm), same runs either way."""
+    if ns.launcher == "local":
+        return LocalLauncher(lambda spec: run_variant(spec, plan, ns, extras, data_dir, out, uri, parent_id), ns.jobs)
+
+    def submission(spec: Spec) -> Submission:
+        run_dir = out / "runs" / spec.name
+        return Submission(spec, run_dir, run_key(spec, plan, ns, extras, data_dir),
+                          job_flags(spec, plan, ns, extras, data_dir, run_dir, uri, parent_id), describe(spec),
+                          code_fingerprint())
+
+    env = {**os.environ, "LETNGPT_ROOT": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    if ns.nproc:
+        env["LETNGPT_NPROC_PER_NODE"] = str(ns.nproc)
+    if ns.threads:
+        env["OMP_NUM_THREADS"] = str(ns.threads)
+    return SlurmLauncher(submission, plan.sbatch, env, max_retries=ns.max_retries, wait=ns.wait, poll_s=ns.poll,
+                         finished=lambda sub: finished_run(sub, uri), same_run=same_flags, dry_run=ns.dry_run,
+                         report_only=ns.report_only)
+
+
+def cost_plan(plan: Plan, ns: argparse.Namespace) -> str:
+    """Runs per stage, GPU-hours and wall time (letngpt.compare_cost); a layout that cannot run is a PlanError."""
+    costs = {p: run_cost(p, plan.configs[p], sbatch_resources(plan.sbatch.get(p, []), ns.nproc or
+                                                             (None if ns.launcher == "slurm" else 1)), ns.gpu, ns.mfu)
+             for p in plan.presets}
+    staged = stages(plan.presets, plan.grids, len(plan.seeds), plan.grid_seeds, plan.budgets, plan.budget_seeds,
+                    ns.max_iters)
+    return estimate(costs, staged, ns.gpu, ns.mfu)[0]
+
+
+def start_parent(ns: argparse.Namespace, plan: Plan, out: Path, uri: str, data_dir: Path, extras: list[str],
+                 command: str) -> tuple[Tracker, str | None]:
+    """The sweep's MLflow parent run; a SLURM sweep keeps one across invocations (OUT/parent_run.json)."""
+    tracker = Tracker(out, tracking_uri=uri, experiment=EXPERIMENT, run_name=f"compare {','.join(plan.presets)}",
+                      enabled=not ns.report_only)
+    parent_id = tracker.start(
+        run_id=stored_parent(out, uri) if ns.launcher == "slurm" else None,
+        params={"presets": ",".join(plan.presets), "max_iters": ns.max_iters, "lrs": " ".join(ns.lrs) or "preset",
+                "seeds": ns.seeds, "budgets": ns.budgets or "none", "baseline": plan.baseline,
+                "data_dir": str(data_dir), "nproc": ns.nproc or 1, "jobs": ns.jobs, "extra_flags": shlex.join(extras),
+                "eval_interval": eval_interval(ns), "eval_iters": ns.eval_iters or "preset",
+                "launcher": ns.launcher},
+        tags={"kind": "compare", "command": command, "git_commit": git_commit() or "unknown"})
+    if ns.launcher == "slurm" and parent_id:
+        (out / PARENT_FILE).write_text(json.dumps({"parent_run_id": parent_id, "tracking_uri": uri}) + "\n")
+    print(f"MLflow: {uri}, experiment {EXPERIMENT}, parent run {parent_id}", flush=True)
+    return tracker, parent_id
+
+
+def setup(argv: list[str]) -> tuple[argparse.Namespace, list[str], Plan, Path]:
+    """Everything checked before anything runs: options, data, SLURM's tools; the plan printed (slurm or
+    --dry_run). Raises ConfigError / DataError (one line, exit 2)."""
+    ns, extras = parse_args(argv)
+    plan = check(ns, extras)
+    data_dir = prepare(ns)
+    if not TRAIN_PY.exists():
+        raise ConfigError(f"{TRAIN_PY} not found: run from a letngpt checkout")
+    if ns.launcher == "slurm" and not ns.dry_run:
+        require_slurm()
+    if ns.launcher == "slurm" or ns.dry_run:
+        print(cost_plan(plan, ns), flush=True)
+    return ns, extras, plan, data_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ns, extras = parse_args(argv)
     try:
-        plan = check(ns, extras)
-        data_dir = prepare(ns)
+        ns, extras, plan, data_dir = setup(argv)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not TRAIN_PY.exists():
-        print(f"error: {TRAIN_PY} not found: run from a letngpt checkout", file=sys.stderr)
-        return 2
     out = Path(ns.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     uri = ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out}/mlflow.db"
+    if ns.dry_run:  # one pass that prints what it would run now
+        print("dry run: the commands of what would run now (later stages follow from the grid's results); "
+              "PARENT_RUN_ID stands for the MLflow parent run created at submission", flush=True)
+        sweep(plan, ns, make_launcher(plan, ns, extras, data_dir, out, uri, stored_parent(out, uri) or "PARENT_RUN_ID"))
+        return 0
+    try:
+        launcher = make_launcher(plan, ns, extras, data_dir, out, uri, None)
+        if isinstance(launcher, SlurmLauncher) and not ns.report_only:
+            launcher.check(plan.presets)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "letngpt.compare", *(a for a in argv if a != "--report_only")])
-    tracker = Tracker(out, tracking_uri=uri, experiment=EXPERIMENT, run_name=f"compare {','.join(plan.presets)}",
-                      enabled=not ns.report_only)
-    parent_id = tracker.start(
-        params={"presets": ",".join(plan.presets), "max_iters": ns.max_iters, "lrs": " ".join(ns.lrs) or "preset",
-                "seeds": ns.seeds, "budgets": ns.budgets or "none", "baseline": plan.baseline,
-                "data_dir": str(data_dir), "nproc": ns.nproc, "jobs": ns.jobs, "extra_flags": shlex.join(extras),
-                "eval_interval": eval_interval(ns), "eval_iters": ns.eval_iters or "preset"},
-        tags={"kind": "compare", "command": command, "git_commit": git_commit() or "unknown"})
-    print(f"MLflow: {uri}, experiment {EXPERIMENT}, parent run {parent_id}", flush=True)
+    tracker, parent_id = start_parent(ns, plan, out, uri, data_dir, extras, command)
     started = time.time()
-    swept = sweep(plan, ns, lambda spec: run_variant(spec, plan, ns, extras, data_dir, out, uri, parent_id))
+    try:
+        swept = sweep(plan, ns, make_launcher(plan, ns, extras, data_dir, out, uri, parent_id))
+    except ConfigError as e:  # sbatch refused a job, squeue failed: what was submitted is recorded
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if ns.launcher != "slurm":
+            raise
+        print("interrupted: the submitted jobs go on; run the same command again to collect them", file=sys.stderr)
+        return 130
+    where = (f"one SLURM job per run (sbatch {shlex.join(plan.sbatch[plan.presets[0]])})" if ns.launcher == "slurm"
+             else f"{ns.nproc or 1} process(es) per run, {ns.jobs} run(s) at a time, on {machine()}")
     header = (f"# Convergence comparison\n\n`{command}`\n\nData `{data_dir}`, {ns.max_iters} steps per full run, "
-              f"seeds {' '.join(map(str, plan.seeds))}, {ns.nproc} process(es) per run, {ns.jobs} run(s) at a time, "
-              f"on {machine()}, {time.strftime('%Y-%m-%d')}; this invocation took {time.time() - started:.0f} s.")
+              f"seeds {' '.join(map(str, plan.seeds))}, {where}, {time.strftime('%Y-%m-%d')}; this invocation took "
+              f"{time.time() - started:.0f} s.")
     report, done = finish(plan, ns, out, swept, header, data_dir.name,
                           {"command": command, "parent_run_id": parent_id, "tracking_uri": uri})
     log_to_parent(tracker, report, plan, [out / "results.json"])
+    return conclude(tracker, report, done, len(swept[0]) - len(done))
+
+
+def conclude(tracker: Tracker, report: dict, done: list[Result], waiting: int) -> int:
+    """Close the parent run (a sweep with runs still queued keeps it RUNNING), print the table; exit code."""
     failed = [r for r in done if not r.ok]
-    tracker.end("FAILED" if failed else "FINISHED")
+    if not waiting:
+        tracker.end("FAILED" if failed else "FINISHED")
     print(f"\nreport: {report['paths']['md']}, {report['paths']['png']} and {report['paths']['flops_png']}")
+    if waiting:
+        print(f"{waiting} run(s) queued, running or not planned yet: run the same command again later to collect "
+              "them and submit the next stage (or add --wait)")
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(f"{r.preset} lr {r.lr:g} seed {r.seed}" for r in failed))
     print(report["table"], flush=True)
@@ -418,7 +636,8 @@ def finish(plan: Plan, ns: argparse.Namespace, out: Path, swept: tuple[list[Spec
     header += f" Training loops of the {len(done)} finished runs: {trained / 3600:.2f} h in all (sum of wall times)."
     if missing:
         header += (f"\n\n**Partial sweep: {len(done)} of {len(specs)} planned runs finished** (rerun the "
-                   f"command without --report_only to finish it). Not run yet: {', '.join(missing)}.")
+                   f"command without --report_only to finish it; the seed and budget runs of a preset are planned "
+                   f"once its lr grid has finished). Not run yet: {', '.join(missing)}.")
     groups = group_results([r for _, r in done], [s for s, _ in done])
     costs = {p: model_costs(c.model, c.train.batch_size * c.model.block_size * c.train.gradient_accumulation_steps)
              for p, c in plan.configs.items()}

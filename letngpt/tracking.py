@@ -58,6 +58,17 @@ def git_commit() -> str | None:
     return (proc.stdout.strip() or None) if proc.returncode == 0 else None
 
 
+# SLURM's job variables -> the names a run records them under (summary.json and MLflow tags).
+SLURM_IDS = {"slurm_job_id": "SLURM_JOB_ID", "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
+             "slurm_array_task_id": "SLURM_ARRAY_TASK_ID"}
+
+
+def slurm_ids() -> dict[str, str]:
+    """The SLURM job this process runs in ({} outside SLURM), so that a run, its log and `sacct` can be
+    found from each other (a requeued job keeps its id; letngpt.compare checks a sweep's runs by it)."""
+    return {name: os.environ[var] for name, var in SLURM_IDS.items() if os.environ.get(var)}
+
+
 def _reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether anything answers at the server. Any HTTP status counts (auth or a proxy may refuse
     /health), and so does a TLS error (MLflow may trust a CA urllib does not): MLflow's own calls decide."""

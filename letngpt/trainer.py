@@ -40,7 +40,7 @@ from .parallel.layout import ParallelLayout, build_layout
 from .renorm import PostStepHook
 from .runlock import OutDirLock
 from .schedule import lr_at
-from .tracking import Tracker, git_commit
+from .tracking import Tracker, git_commit, slurm_ids
 
 log = logging.getLogger("letngpt")
 # Fields that may change between a checkpoint and the run resuming it without changing the weights' shapes.
@@ -201,7 +201,7 @@ def start_tracker(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_di
     tracker.start(run_id=state.get("tracking_run_id") if state else None,
                   params={"config": run.to_dict(), "ds": ds_config},
                   tags={"preset": run.name, "world_size": info.world_size, "dp_size": layout.dp_size, "tp": t.tp,
-                        "device": info.device.type, "git_commit": git_commit() or "unknown",
+                        "device": info.device.type, "git_commit": git_commit() or "unknown", **slurm_ids(),
                         **({"mlflow.parentRunId": t.parent_run_id} if t.parent_run_id else {})})
     return tracker
 
@@ -425,6 +425,7 @@ def write_summary(job: Job, stop_reason: str) -> dict:
         "skipped_steps": job.guard.skipped,
         "wall_time_s": job.wall_before + time.time() - job.launch_start, "tracking_run_id": job.tracker.run_id,
         "preset": job.run.name, "world_size": job.info.world_size, "tp": job.run.train.tp, "dp": job.layout.dp_size,
+        **slurm_ids(),
     }
     if nonfinite:
         summary["nonfinite"] = {"fields": nonfinite, "reason": "not finite (the step was skipped); written as null"}
