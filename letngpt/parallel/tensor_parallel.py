@@ -19,9 +19,13 @@ renormalisation needs no TP communication (letngpt.renorm.collective checks this
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
 from ..model import LETnGPT, ScaledVector
@@ -95,29 +99,70 @@ def _tp_rank_size() -> tuple[int, int]:
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
-def _column(linear: nn.Linear, config) -> nn.Module:
-    from megatron.core.tensor_parallel import ColumnParallelLinear
+class _CopyToTPRegion(torch.autograd.Function):
+    """Identity forward; backward sums the input's gradient over the TP group (megatron's
+    copy_to_tensor_model_parallel_region, on a functional collective that dynamo traces)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return funcol.all_reduce(grad, "sum", ctx.group), None
+
+
+class _ReduceFromTPRegion(torch.autograd.Function):
+    """Forward sums the partial outputs over the TP group; identity backward (megatron's
+    reduce_from_tensor_model_parallel_region, on a functional collective)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        return funcol.all_reduce(x, "sum", group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+@functools.cache
+def _parallel_linear_types() -> tuple[type, type]:
+    """megatron's Column/RowParallelLinear (weights, shard attributes, checkpoint layout) with a forward
+    that torch.compile traces whole: y = x W_shard^T with the two collectives above.
+
+    Why not megatron's own forward: its autograd Function issues the input-gradient all-reduce with
+    async_op=True and its wrapper calls warnings.warn, both graph breaks, so a compiled block split at
+    every linear and recompiled for each weight shape (135 recompilations in a 4-layer TP=2 run). Lost:
+    the overlap of that all-reduce with the weight-gradient matmul, which inductor may reorder anyway.
+    The types are made once, not per layer: dynamo guards on a module's type.
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     class Column(ColumnParallelLinear):
-        def forward(self, x):  # megatron returns (output, bias)
-            return super().forward(x)[0]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(_CopyToTPRegion.apply(x, self.tp_group), self.weight)
 
+    class Row(RowParallelLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return _ReduceFromTPRegion.apply(F.linear(x, self.weight), self.tp_group)
+
+    return Column, Row
+
+
+def _column(linear: nn.Linear, config) -> nn.Module:
     rank, size = _tp_rank_size()
-    layer = Column(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_, bias=False)
+    column = _parallel_linear_types()[0]
+    layer = column(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_, bias=False)
     layer.weight.data.copy_(linear.weight.data.chunk(size, dim=0)[rank])
     _mark_sharded(layer.weight, 0)
     return layer
 
 
 def _row(linear: nn.Linear, config) -> nn.Module:
-    from megatron.core.tensor_parallel import RowParallelLinear
-
-    class Row(RowParallelLinear):
-        def forward(self, x):
-            return super().forward(x)[0]
-
     rank, size = _tp_rank_size()
-    layer = Row(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_, bias=False,
+    row = _parallel_linear_types()[1]
+    layer = row(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_, bias=False,
                 input_is_parallel=True, skip_bias_add=False)
     layer.weight.data.copy_(linear.weight.data.chunk(size, dim=1)[rank])
     _mark_sharded(layer.weight, 1)
