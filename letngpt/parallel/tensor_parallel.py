@@ -128,24 +128,29 @@ class _ReduceFromTPRegion(torch.autograd.Function):
 
 @functools.cache
 def _parallel_linear_types() -> tuple[type, type]:
-    """megatron's Column/RowParallelLinear (weights, shard attributes, checkpoint layout) with a forward
-    that torch.compile traces whole: y = x W_shard^T with the two collectives above.
+    """megatron's Column/RowParallelLinear, returning the output alone (megatron returns (output, bias)).
 
-    Why not megatron's own forward: its autograd Function issues the input-gradient all-reduce with
-    async_op=True and its wrapper calls warnings.warn, both graph breaks, so a compiled block split at
-    every linear and recompiled for each weight shape (135 recompilations in a 4-layer TP=2 run). Lost:
-    the overlap of that all-reduce with the weight-gradient matmul, which inductor may reorder anyway.
-    The types are made once, not per layer: dynamo guards on a module's type.
+    Eager, they run megatron's own forward. Under torch.compile they run y = x W_shard^T with the two
+    collectives above, which dynamo traces whole: megatron's forward issues its input-gradient
+    all-reduce with async_op=True and calls warnings.warn, both graph breaks, so a compiled block was
+    split at every linear and recompiled for each weight shape (135 "Recompiling" log lines over the 2
+    ranks of a 4-layer TP=2 run). Same sums either way; bench/tp_compile.py measures the alternatives
+    (megatron's forward kept out of the graph: slower). The types are made once, not per layer: dynamo
+    guards on a module's type, so a class per layer meant a graph per layer.
     """
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     class Column(ColumnParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.linear(_CopyToTPRegion.apply(x, self.tp_group), self.weight)
+            if torch.compiler.is_compiling():
+                return F.linear(_CopyToTPRegion.apply(x, self.tp_group), self.weight)
+            return super().forward(x)[0]
 
     class Row(RowParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return _ReduceFromTPRegion.apply(F.linear(x, self.weight), self.tp_group)
+            if torch.compiler.is_compiling():
+                return _ReduceFromTPRegion.apply(F.linear(x, self.weight), self.tp_group)
+            return super().forward(x)[0]
 
     return Column, Row
 
