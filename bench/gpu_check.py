@@ -34,9 +34,11 @@ import torch  # noqa: E402 (after _START: the import time counts against the bud
 
 from bench.attention import FLASH_ABSENT, flash_vs_sdpa  # noqa: E402 (after _START: the import time counts against the budget)
 from bench.env import environment, free_memory, is_oom, setup_threads, sync  # noqa: E402 (after _START: the import time counts against the budget)
+from bench.gpu_probes import nonfinite_skip, sdpa_kernels  # noqa: E402 (after _START: the import time counts against the budget)
 from bench.memory import proc_status_mb  # noqa: E402 (after _START: the import time counts against the budget)
 from bench.output import fmt, format_table, write_json  # noqa: E402 (after _START: the import time counts against the budget)
 from bench.steps import StepRunner, peak_for, summarize_steps  # noqa: E402 (after _START: the import time counts against the budget)
+from letngpt.compile import compile_counts  # noqa: E402 (after _START: the import time counts against the budget)
 from letngpt.config import ModelConfig  # noqa: E402 (after _START: the import time counts against the budget)
 from letngpt.kernels import flash_attn_func  # noqa: E402 (after _START: the import time counts against the budget)
 from letngpt.presets import get_config  # noqa: E402 (after _START: the import time counts against the budget)
@@ -82,6 +84,9 @@ def stage_flash(out: Path, dry: bool) -> dict:
         setups = [preset_setup(n, dry or device.type == "cpu") for n in ("nGPT_1kctx_10k_lr30e-4",
                                                                           "LETNGPT_1kctx_10k_lr30e-4")]
         cfgs, batch = [s[0] for s in setups], setups[0][1]
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        res["sdpa_kernels"] = {f"M={c.num_maps} hd={c.head_dim}": sdpa_kernels(c, batch, device, dtype) for c in cfgs}
+        print(f"SDPA kernels that ran ({dtype}): {res['sdpa_kernels']}", flush=True)
         res.update(flash_vs_sdpa(cfgs, batch, device, reps=10))
         res["status"] = "ok"
     except Exception as e:  # a flash-attn that imports but cannot run here is a finding, not a crash
@@ -139,6 +144,14 @@ def time_renorm_alone(res: dict, runner: StepRunner, timed: bool) -> None:
         res["renorm_error"] = str(e)[:300]
 
 
+def check_nonfinite(res: dict, runner: StepRunner) -> None:
+    """After the timing: a NaN-loss step must be skipped by the guard, the next one applied."""
+    try:
+        res["nonfinite"] = nonfinite_skip(runner)
+    except Exception as e:  # a finding, not a crash of the stage
+        res["nonfinite"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def record_memory(res: dict, device: torch.device, base_rss: float | None) -> None:
     """Peak memory of the stage: CUDA's allocator peak, or on CPU the peak RSS growth."""
     try:
@@ -182,6 +195,10 @@ def stage_preset(name: str, out: Path, dry: bool, deadline: float, steps: int, w
         res["final_loss"] = runner.last_loss()
     if runner is not None and runner.model is not None and res["status"] != "oom":
         time_renorm_alone(res, runner, bool(times))
+        if mode == "compiled":
+            res["dynamo"] = compile_counts()  # recompilations and graph breaks of this stage's process
+        elif not mode and time.monotonic() < deadline - reserve:
+            check_nonfinite(res, runner)
     record_memory(res, device, base_rss)
     res["seconds"], res["process_seconds"] = time.monotonic() - t_stage, time.monotonic() - _START
     write_json(path, res)
@@ -277,6 +294,25 @@ def flash_line(flash: dict | None) -> str:
     return f"flash-attn vs SDPA (bf16): agree={ok}; {mods}"
 
 
+def probe_lines(flash: dict | None, presets: dict[str, dict]) -> list[str]:
+    """Which SDPA kernels ran, each compiled stage's recompilations / graph breaks, the non-finite skips."""
+    lines = []
+    if flash and flash.get("sdpa_kernels"):
+        lines.append("SDPA kernels that ran: " + "; ".join(f"{k}: {'+'.join(v) or 'unrecognised'}"
+                                                           for k, v in flash["sdpa_kernels"].items()))
+    for name, r in presets.items():
+        d = r.get("dynamo")
+        if d:
+            lines.append(f"{name}: {d['recompiles']} recompilations, {d['graph_breaks']} graph breaks, "
+                         f"{d['graphs']} graphs")
+        nf = r.get("nonfinite")
+        if nf:
+            verdict = "ok" if nf.get("ok") else f"FAILED {nf}"
+            lines.append(f"{name}: a NaN-loss step ({nf.get('dtype')}, ZeRO {nf.get('zero_stage')}) skipped with "
+                         f"masters and Adam unchanged, the next one applied: {verdict}")
+    return lines
+
+
 def summary_text(summary: dict) -> str:
     """The table and the lines around it, as printed last by gpu_check.sh."""
     presets, env, let_over, targets = (summary["presets"], summary["environment"], summary["let_over_ngpt_step_1k"],
@@ -294,6 +330,7 @@ def summary_text(summary: dict) -> str:
     if env:
         lines.append(f"# {env['device_name']}, torch {env['torch']}, cuda {env['cuda']}, {env['dtype']}, {env['date']}")
     lines.append(flash_line(summary["flash"]))
+    lines.extend(probe_lines(summary["flash"], presets))
     lines.append(format_table(["preset", "status", "step ms", "tokens/s", "MFU %", "peak GiB", "renorm %",
                                "renorm ms", "steps"], rows))
     for t in summary["twins"]:

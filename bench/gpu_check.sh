@@ -16,6 +16,8 @@
 #      vs eager ratios in the summary;
 #   4. LETNGPT at 4k (micro batch 2) without and with activation checkpointing: peak memory
 #      (torch.cuda.max_memory_allocated) and step time, and their ratios;
+# 1. also records which SDPA kernels ran, each eager preset of 2. ends with a NaN-loss step the
+# non-finite guard must skip (bf16, ZeRO 1) and each compiled stage of 3. its recompilations;
 # then summary.json / summary.txt, and the summary table printed last.
 # Every stage writes JSON into OUT_DIR; log.txt has everything printed; stages.jsonl each
 # stage's exit code (124 = hit its time limit).

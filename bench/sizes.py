@@ -55,6 +55,8 @@ class Variant:
     cfg: ModelConfig
     compile: bool = False  # torch.compile the blocks (letngpt.compile), as --compile does in the trainer
     checkpointing: bool = False  # recompute each block in backward (--activation_checkpointing)
+    tp: int = 1  # tensor-parallel size (bench.tp_compile runs under torchrun with world = tp)
+    linears_outside_graph: bool = False  # TP linears behind torch.compiler.disable (bench.tp_compile)
 
 
 def variant_configs(size: Size, maps: Sequence[int] = (1, 3, 5), attn_backend: str = "auto") -> list[Variant]:

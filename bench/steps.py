@@ -4,6 +4,7 @@ variants measured side by side in interleaved rounds."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -32,16 +33,20 @@ class StepRunner:
 
     def __init__(self, name: str, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
                  *, seed: int = 0, lr: float = 1e-4, grad_clip: float = 0.0, compile: bool = False,
-                 checkpointing: bool = False) -> None:
+                 checkpointing: bool = False, tp: int = 1, linears_outside_graph: bool = False) -> None:
         self.name, self.cfg, self.device = name, cfg, device
         train = TrainConfig(batch_size=batch_size, gradient_accumulation_steps=1, learning_rate=lr, seed=seed,
                             grad_clip=grad_clip, weight_decay=0.0 if cfg.use_ngpt else 0.1,  # the presets' recipes
                             dtype=DTYPE_NAMES[dtype], device=str(device), compile=compile,
-                            activation_checkpointing=checkpointing)
+                            activation_checkpointing=checkpointing, tp=tp)
         run = RunConfig(model=cfg, train=train, name=name)
         info = init_distributed(str(device))
-        self.engine, _, self.opt = build_model_engine(run, info, build_layout(run, 1, 0), reshard=False)
+        # A world of one, or of `tp` ranks that all see the same batch (bench.tp_compile).
+        layout = build_layout(run, info.world_size if tp > 1 else 1, info.rank if tp > 1 else 0)
+        self.engine, _, self.opt = build_model_engine(run, info, layout, reshard=False)
         self.model = self.engine.module
+        if linears_outside_graph:
+            megatron_forward_outside_graph_(self.model)
         self.guard = NonFiniteGuard(self.model, device, max_consecutive=train.max_nonfinite_steps)
         self.post_step = PostStepHook(run, dtype)
         self.optimizer_impl = "fused AdamW" if self.opt.defaults.get("fused") else "AdamW (foreach)"
@@ -53,6 +58,7 @@ class StepRunner:
         self.params = sum(p.numel() for p in self.model.parameters())
         self.steps_done = 0
         self._loss: torch.Tensor | None = None
+        self.last_applied = True
         self._backward_done = 0.0
         engine_step = self.engine.step
 
@@ -71,6 +77,7 @@ class StepRunner:
         sync(self.device)
         t2 = time.perf_counter()
         self.steps_done += 1
+        self.last_applied = applied  # False: the non-finite guard skipped the step
         self.post_step(self.engine, self.steps_done, applied)
         sync(self.device)
         t3 = time.perf_counter() if self.cfg.use_ngpt else t2  # GPT has no renormalisation: 0, not noise
@@ -98,6 +105,18 @@ class StepRunner:
         """Drop the engine and its tensors (after an out-of-memory error, before the next model)."""
         self.guard.remove()
         self.engine = self.model = self.opt = None
+
+
+def megatron_forward_outside_graph_(model: torch.nn.Module) -> None:
+    """Keep every TP linear's megatron forward out of torch.compile's graph (torch.compiler.disable), so a
+    compiled block fuses only what lies between the linears: the alternative letngpt's traced forward
+    (letngpt.parallel.tensor_parallel) was measured against."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            base = ColumnParallelLinear if isinstance(module, ColumnParallelLinear) else RowParallelLinear
+            module.forward = torch.compiler.disable(functools.partial(lambda m, b, x: b.forward(m, x)[0], module, base))
 
 
 def peak_for(device: torch.device, override: float = 0.0) -> float | None:
@@ -178,7 +197,8 @@ def measure_variants(variants: Sequence[Variant], batch_size: int, device: torch
         for v in group:
             try:
                 runners.append(StepRunner(v.name, v.cfg, batch_size, device, dtype, grad_clip=grad_clip,
-                                          compile=v.compile, checkpointing=v.checkpointing))
+                                          compile=v.compile, checkpointing=v.checkpointing, tp=v.tp,
+                                          linears_outside_graph=v.linears_outside_graph))
             except Exception as e:  # OOM while building: record, go on without it
                 if not is_oom(e):
                     raise

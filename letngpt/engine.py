@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -90,13 +92,23 @@ def check_compile(train: TrainConfig, device: torch.device) -> None:
     """--compile=true where it cannot work stops here in one line, not deep inside the first forward.
 
     ZeRO 0-3, tensor parallelism and activation checkpointing all compile (tests/test_speed.py); what
-    remains is inductor's CPU backend, which writes and builds C++ and so needs a C++ compiler."""
-    if not train.compile or device.type != "cpu":
+    remains is the toolchain inductor builds its kernels with at run time: on CPU C++ (a C++ compiler), on
+    CUDA Triton, which builds each kernel's launcher with a C compiler ($CC, else gcc or clang). Both
+    include Python's headers (Python.h), which a bare Python install or slim image may lack."""
+    if not train.compile or device.type not in ("cpu", "cuda"):
         return
-    compilers = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    where, kind, var, names = (("CPU", "C++", "CXX", ["g++", "c++", "clang++"]) if device.type == "cpu"
+                               else ("CUDA", "C", "CC", ["gcc", "clang", "cc"]))
+    compilers = [os.environ[var]] if os.environ.get(var) else names
     if not any(shutil.which(c) for c in compilers):
-        raise ConfigError(f"--compile=true on CPU needs a C++ compiler for inductor ({' or '.join(compilers)} "
-                          "not found); install one or use --compile=false")
+        builder = "inductor" if device.type == "cpu" else "Triton (inductor's GPU kernels)"
+        raise ConfigError(f"--compile=true on {where} needs a {kind} compiler for {builder} "
+                          f"({' or '.join(compilers)} not found); install one or use --compile=false")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        raise ConfigError(f"--compile=true on {where} needs Python's headers ({headers} not found; install the "
+                          f"python{sys.version_info.major}.{sys.version_info.minor}-dev package or equivalent) "
+                          "or use --compile=false")
 
 
 def compile_engine(engine, train: TrainConfig) -> None:

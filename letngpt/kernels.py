@@ -44,3 +44,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, b
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale
     )
     return out.transpose(1, 2)
+
+
+def flash_attn_version() -> str | None:
+    """The installed flash-attn's version ("unknown" where the package does not say), or None."""
+    if flash_attn_func() is None:
+        return None
+    import flash_attn
+
+    return getattr(flash_attn, "__version__", "unknown")
+
+
+def flash_compiles(version: str | None) -> bool:
+    """flash-attn registers its kernels as torch custom ops from 2.7 on; before, torch.compile breaks the
+    graph at every attention call."""
+    try:
+        major, minor = (int(part) for part in (version or "").split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (2, 7)
+
+
+def attention_choice(backend: str, device: torch.device, dtype: torch.dtype, compiling: bool = False) -> str:
+    """One line for the start of a run: the attention kernel it will use and why. attn_backend=flash where
+    flash-attn cannot run is refused here, before any weights are built, rather than at the first forward."""
+    version = flash_attn_version()
+    obstacles = [why for bad, why in ((version is None, "flash-attn is not installed"),
+                                      (device.type != "cuda", f"the device is {device.type}, not CUDA"),
+                                      (dtype not in (torch.bfloat16, torch.float16),
+                                       f"the dtype is {str(dtype).removeprefix('torch.')}, not bf16/fp16"))
+                 if bad]
+    if backend == "flash" and obstacles:
+        from .config import ConfigError
+
+        raise ConfigError(f"attn_backend=flash cannot run: {'; '.join(obstacles)}; use attn_backend=auto or sdpa")
+    if backend != "sdpa" and not obstacles:
+        line = f"attention: flash-attn {version} (attn_backend={backend}; installed, CUDA, {dtype})"
+        if compiling and not flash_compiles(version):
+            line += f"; WARNING: flash-attn {version} < 2.7 breaks the compiled graph at every attention call"
+        return line
+    why = "attn_backend=sdpa" if backend == "sdpa" else "; ".join(obstacles)
+    return (f"attention: PyTorch SDPA, not flash-attn ({why}); PyTorch picks SDPA's flash, memory-efficient or "
+            f"math kernel per call")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .compile import compile_notice
 from .config import ConfigError, RunConfig
 from .data.loader import TokenData, eval_batches, get_batch
 from .data.verify import check_token_ids
@@ -34,6 +35,7 @@ from .engine import build_engine, per_rank_accumulation, resolve_dtype, set_lr
 from .errors import DivergedError
 from .fsutil import atomic_write_text
 from .guard import NonFiniteGuard, finite_or_none, skip_optimizer_step, weights_finite
+from .kernels import attention_choice
 from .metrics import MetricsWriter, StepTimer, Throughput, memory_mb, mfu, model_stats, plain_grad_norm
 from .model import build_model
 from .parallel.layout import ParallelLayout, build_layout
@@ -206,6 +208,15 @@ def start_tracker(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_di
     return tracker
 
 
+def log_what_runs(run: RunConfig, device: torch.device) -> None:
+    """Rank 0's first lines: the attention kernel and why, and what --compile will do to the first step
+    (every rank decides alike, so attn_backend=flash where it cannot run stops every rank)."""
+    t = run.train
+    log.info("%s", attention_choice(run.model.attn_backend, device, resolve_dtype(t, device), t.compile))
+    if t.compile:
+        log.info("%s", compile_notice(run.model.n_layer, device, t.zero_stage))
+
+
 def build_job(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path, on_step: Callable | None) -> Job:
     """Data, resume plan, model, engine, tracker: everything before the first step."""
     t = run.train
@@ -213,6 +224,7 @@ def build_job(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: P
     train_data, val_data = prepare_data(run, info)
     tag, saved = plan_resume(run, out_dir, info)
     load_tag, reshard = maybe_reshard(out_dir, tag, saved, run, layout.dp_size, info.is_main)
+    log_what_runs(run, info.device)
     engine, ds_config, optimizer = build_model_engine(run, info, layout, reshard)
     state = None
     if load_tag:

@@ -205,6 +205,14 @@ def test_gpu_check_dry_run_in_process(tmp_path, capsys, monkeypatch):
     assert positive(summary["let_over_ngpt_step_1k"])
     flash = json.loads((tmp_path / "flash.json").read_text())
     assert flash["status"] == "ok" and not flash["available"]
+    # issue 22: which SDPA kernel ran (the profiler's op names), and the guard's skip in every eager preset
+    assert len(flash["sdpa_kernels"]) == 2 and all(k and set(k) <= {"flash", "efficient", "cudnn", "math"}
+                                                   for k in flash["sdpa_kernels"].values())
+    for name in gpu_check.PRESETS:
+        nonfinite = summary["presets"][name]["nonfinite"]
+        assert nonfinite["ok"] and nonfinite["skipped"] and nonfinite["masters_change_on_nan"] == 0.0, nonfinite
+        assert nonfinite["masters_change_after"] > 0 and nonfinite["adam_steps_unchanged"]
+    assert "SDPA kernels that ran: M=1" in printed and printed.count("the next one applied: ok") == 4
     assert "flash-attn: not available" in printed and "LETNGPT_4kctx_10k_lr30e-4" in printed
     assert (tmp_path / "summary.txt").read_text().strip().splitlines()[-1] in printed
 

@@ -370,3 +370,26 @@ def test_head_dim_with_three_maps_and_eight_heads():
     assert attn.value.weight.shape == attn.proj.weight.shape == (1024, 1024)
     assert attn.ensemble_logits.shape == (3,) and attn.head_norm.weight.shape == (128,)
     assert attn.s_qk.weight.shape == (8 * 3 * 128,)
+
+
+def test_attention_choice_says_which_kernel_and_why(monkeypatch):
+    """Rank 0's first line (issue 22): flash-attn where it can run, else SDPA and every reason it cannot;
+    attn_backend=flash where it cannot run is a one-line ConfigError at start."""
+    from letngpt import kernels
+    from letngpt.config import ConfigError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(kernels, "flash_attn_version", lambda: None)
+    line = kernels.attention_choice("auto", cpu, torch.float32)
+    assert line.startswith("attention: PyTorch SDPA, not flash-attn (flash-attn is not installed; the device is cpu, "
+                           "not CUDA; the dtype is float32, not bf16/fp16)")
+    assert "(attn_backend=sdpa)" in kernels.attention_choice("sdpa", cuda, torch.bfloat16)
+    with pytest.raises(ConfigError, match=r"^attn_backend=flash cannot run: flash-attn is not installed; use"):
+        kernels.attention_choice("flash", cuda, torch.bfloat16)
+    monkeypatch.setattr(kernels, "flash_attn_version", lambda: "2.6.3")
+    assert kernels.attention_choice("auto", cuda, torch.bfloat16) == (
+        "attention: flash-attn 2.6.3 (attn_backend=auto; installed, CUDA, torch.bfloat16)")
+    assert "2.6.3 < 2.7 breaks the compiled graph" in kernels.attention_choice("auto", cuda, torch.bfloat16, True)
+    monkeypatch.setattr(kernels, "flash_attn_version", lambda: "2.8.0.post2")
+    assert "WARNING" not in kernels.attention_choice("flash", cuda, torch.float16, True)
+    assert "the dtype is float32" in kernels.attention_choice("auto", cuda, torch.float32)

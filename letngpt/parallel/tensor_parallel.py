@@ -19,9 +19,13 @@ renormalisation needs no TP communication (letngpt.renorm.collective checks this
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
 from ..model import LETnGPT, ScaledVector
@@ -95,29 +99,75 @@ def _tp_rank_size() -> tuple[int, int]:
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
-def _column(linear: nn.Linear, config) -> nn.Module:
-    from megatron.core.tensor_parallel import ColumnParallelLinear
+class _CopyToTPRegion(torch.autograd.Function):
+    """Identity forward; backward sums the input's gradient over the TP group (megatron's
+    copy_to_tensor_model_parallel_region, on a functional collective that dynamo traces)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return funcol.all_reduce(grad, "sum", ctx.group), None
+
+
+class _ReduceFromTPRegion(torch.autograd.Function):
+    """Forward sums the partial outputs over the TP group; identity backward (megatron's
+    reduce_from_tensor_model_parallel_region, on a functional collective)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        return funcol.all_reduce(x, "sum", group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+@functools.cache
+def _parallel_linear_types() -> tuple[type, type]:
+    """megatron's Column/RowParallelLinear, returning the output alone (megatron returns (output, bias)).
+
+    Eager, they run megatron's own forward. Under torch.compile they run y = x W_shard^T with the two
+    collectives above, which dynamo traces whole: megatron's forward issues its input-gradient
+    all-reduce with async_op=True and calls warnings.warn, both graph breaks, so a compiled block was
+    split at every linear and recompiled for each weight shape (135 "Recompiling" log lines over the 2
+    ranks of a 4-layer TP=2 run). Same sums either way; bench/tp_compile.py measures the alternatives
+    (megatron's forward kept out of the graph: slower). The types are made once, not per layer: dynamo
+    guards on a module's type, so a class per layer meant a graph per layer.
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     class Column(ColumnParallelLinear):
-        def forward(self, x):  # megatron returns (output, bias)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.compiler.is_compiling():
+                return F.linear(_CopyToTPRegion.apply(x, self.tp_group), self.weight)
             return super().forward(x)[0]
 
+    class Row(RowParallelLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.compiler.is_compiling():
+                return _ReduceFromTPRegion.apply(F.linear(x, self.weight), self.tp_group)
+            return super().forward(x)[0]
+
+    return Column, Row
+
+
+def _column(linear: nn.Linear, config) -> nn.Module:
     rank, size = _tp_rank_size()
-    layer = Column(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_, bias=False)
+    column = _parallel_linear_types()[0]
+    layer = column(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_, bias=False)
     layer.weight.data.copy_(linear.weight.data.chunk(size, dim=0)[rank])
     _mark_sharded(layer.weight, 0)
     return layer
 
 
 def _row(linear: nn.Linear, config) -> nn.Module:
-    from megatron.core.tensor_parallel import RowParallelLinear
-
-    class Row(RowParallelLinear):
-        def forward(self, x):
-            return super().forward(x)[0]
-
     rank, size = _tp_rank_size()
-    layer = Row(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_, bias=False,
+    row = _parallel_linear_types()[1]
+    layer = row(linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_, bias=False,
                 input_is_parallel=True, skip_bias_add=False)
     layer.weight.data.copy_(linear.weight.data.chunk(size, dim=1)[rank])
     _mark_sharded(layer.weight, 1)

@@ -1,9 +1,10 @@
 """Under torchrun with 2 ranks: --compile and --activation_checkpointing against the eager, stored
 run, through letngpt.engine.build_engine (the trainer's path), from identical weights and batches.
 
-1. compile: GPT, nGPT and LET-nGPT M=3 at ZeRO 0 and 1 (data parallel over the 2 ranks), 5 steps
-   each, eager then compiled: losses, and after every step the worst |norm - 1| of the nGPT
-   matrices' fp32 masters and compute weights (renormalisation still applied).
+1. compile: GPT, nGPT and LET-nGPT M=3 at ZeRO 0 and 1 (data parallel over the 2 ranks), LET-nGPT also
+   at ZeRO 2, 3 and at TP=2 ZeRO 1, 5 steps each, eager then compiled: losses, and after every step the
+   worst |norm - 1| of the nGPT matrices' fp32 masters and compute weights (renormalisation still
+   applied); each compiled run's recompilations and graph breaks (dynamo's counters).
 2. activation checkpointing, LET-nGPT M=3: loss and every gradient of one forward/backward with and
    without it, at TP=1 (the plain model) and TP=2 (megatron-core layers); then 3 engine steps with
    and without it at ZeRO 3 (DP=2) and at TP=2 ZeRO 1.
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from letngpt.compile import blocks_compiled
+from letngpt.compile import blocks_compiled, compile_counts
 from letngpt.config import ModelConfig, TrainConfig
 from letngpt.distributed import init_distributed, shutdown
 from letngpt.engine import build_engine
@@ -77,18 +78,31 @@ def run_steps(cfg: ModelConfig, train: TrainConfig, steps: int, mpu=None, tp: in
     return {"losses": losses, "sphere": deviations, "compiled": blocks_compiled(engine.module)}
 
 
+def eager_and_compiled(cfg: ModelConfig, stage: int, tp: int = 1, mpu=None) -> dict:
+    """5 steps eager, then 5 compiled from the same weights; the compiled run's dynamo counts (this
+    process's recompilations and graph breaks during it)."""
+    runs = {}
+    for compiled in (False, True):
+        train = TrainConfig(zero_stage=stage, batch_size=BATCH, gradient_accumulation_steps=2 // tp,
+                            learning_rate=3e-3, dtype="float32", device="cpu", compile=compiled, tp=tp)
+        before = compile_counts()
+        runs["compiled" if compiled else "eager"] = run_steps(cfg, train, 5, mpu=mpu, tp=tp)
+        after = compile_counts()
+        runs["compiled" if compiled else "eager"].update(
+            recompiles=after["recompiles"] - before["recompiles"],
+            graph_breaks=after["graph_breaks"] - before["graph_breaks"],
+            recompile_reasons=after["recompile_reasons"][before["recompiles"]:])
+    return runs
+
+
 def compile_checks() -> dict:
     """Eager then compiled, per variant and stage. ZeRO 1 reuses ZeRO 0's compiled graphs (same model
-    code; parameters are graph inputs), so the 6 compiled runs cost 3 compilations."""
+    code; parameters are graph inputs), so the 6 compiled runs cost 3 compilations. LET-nGPT also at
+    ZeRO 2 and 3 (data parallel over the 2 ranks); TP=2 runs in tp_compile_checks, after the TP groups exist."""
     out = {}
     for name, (use_ngpt, maps) in VARIANTS.items():
-        for stage in (0, 1):
-            runs = {}
-            for compiled in (False, True):
-                train = TrainConfig(zero_stage=stage, batch_size=BATCH, gradient_accumulation_steps=2,
-                                    learning_rate=3e-3, dtype="float32", device="cpu", compile=compiled)
-                runs["compiled" if compiled else "eager"] = run_steps(model_config(use_ngpt, maps), train, 5)
-            out[f"{name}/zero{stage}"] = runs
+        for stage in (0, 1, 2, 3) if name == "LETNGPT" else (0, 1):
+            out[f"{name}/zero{stage}"] = eager_and_compiled(model_config(use_ngpt, maps), stage)
     return out
 
 
@@ -131,6 +145,9 @@ def main() -> None:
     init_distributed("cpu")
     torch.set_num_threads(1)
     report = {"compile": compile_checks(), "checkpointing": checkpointing_checks()}
+    from letngpt.parallel.tensor_parallel import MegatronMPU  # the TP groups: made by checkpointing_checks
+
+    report["compile"]["LETNGPT/tp2_zero1"] = eager_and_compiled(model_config(True, 3), 1, tp=2, mpu=MegatronMPU())
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
     shutdown()
