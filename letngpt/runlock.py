@@ -1,7 +1,7 @@
 """One run per out_dir: a lock file naming its holder (host, pid, SLURM job, start time).
 
 Two launches on one out_dir would write the same checkpoints and metrics over each other. Rank 0
-takes `out_dir/run.lock` with O_EXCL before anything is written, and removes it at exit. A lock
+takes `out_dir/run.lock` exclusively before anything is written, and removes it at exit. A lock
 left by a run that died is taken over with a warning when that can be known for sure: its pid is
 dead on this host, or it belongs to this same SLURM job (a requeued job restarts with the job id
 it had). A live pid whose process started at another time than the holder's is a reused pid:

@@ -34,6 +34,7 @@ HTTP_ENV = {
     "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",  # a 429/503 could otherwise ask us to sleep
 }
 PROBE_TIMEOUT_S = 3.0
+SQL_STORES = ("sqlite:", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores, by URI scheme
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -269,14 +270,15 @@ class Tracker:
         keeps both values, the later one per step counting (the run is tagged to say so)."""
         if not self.active:
             return
-        if self.uri.startswith(("http://", "https://", "databricks")):
+        if not self.uri.startswith(SQL_STORES):  # a server, a file store: no way to delete
             self.set_tags({"letngpt.superseded_after_step": step})
             return
         try:
-            with quiet_mlflow_store():
-                dropped = _delete_metrics_after(self.uri, self._run_id, step)
-        except Exception as exc:
-            self._disable("dropping the redone steps' metrics", exc)
+            dropped = _delete_metrics_after(self.uri, self._run_id, step)
+        except Exception as exc:  # tracking itself may still work: warn, keep both values, go on
+            log.warning("MLflow: could not drop the values logged after step %d (%s: %s); the later value of "
+                        "each step counts", step, type(exc).__name__, " ".join(str(exc).split())[:200])
+            self.set_tags({"letngpt.superseded_after_step": step})
             return
         if dropped:
             log.info("MLflow: dropped %d metric values logged after step %d by the launch being redone", dropped, step)
