@@ -323,12 +323,6 @@ def load(engine, out_dir: str | Path, tag: str | None = None) -> dict | None:
     try:
         path, client_state = engine.load_checkpoint(str(checkpoint_dir(out_dir)), tag=tag)
     except Exception as e:  # DeepSpeed's own message names neither the cause nor the way out
-        saved_stage = (read_state(out_dir, tag) or {}).get("zero_stage")
-        if saved_stage is not None and saved_stage != engine.zero_optimization_stage():
-            raise ConfigError(
-                f"checkpoint {tag} was saved at ZeRO stage {saved_stage} and this run uses stage "
-                f"{engine.zero_optimization_stage()}; their optimizer files differ. Resume with "
-                f"--zero_stage={saved_stage}, or start a new --out_dir") from e
         stale = removed_params(checkpoint_dir(out_dir) / tag)
         if stale:
             raise ConfigError(
@@ -337,10 +331,24 @@ def load(engine, out_dir: str | Path, tag: str | None = None) -> dict | None:
                 "but training cannot resume from it because its optimizer state holds one more tensor per "
                 "layer. Start from scratch in another --out_dir, or resume with the version that wrote it."
             ) from e
+        saved_stage = _saved_zero_stage(out_dir, tag)
+        if saved_stage is not None and saved_stage != engine.zero_optimization_stage():
+            raise ConfigError(
+                f"checkpoint {tag} was saved at ZeRO stage {saved_stage} and this run uses stage "
+                f"{engine.zero_optimization_stage()}; their optimizer files differ. Resume with "
+                f"--zero_stage={saved_stage}, or start a new --out_dir") from e
         raise
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir(out_dir) / tag}")
     return client_state["letngpt"]
+
+
+def _saved_zero_stage(out_dir: str | Path, tag: str) -> int | None:
+    """The ZeRO stage a checkpoint's state records, or None (no state, or a state from before the key)."""
+    try:
+        return (read_state(out_dir, tag) or {}).get("zero_stage")
+    except (OSError, ValueError):
+        return None
 
 
 def removed_params(folder: Path) -> list[str]:
