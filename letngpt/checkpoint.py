@@ -16,6 +16,7 @@ Checksums are computed and checked in stripes across ranks, so a big checkpoint 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -29,14 +30,17 @@ import torch.distributed as dist
 
 from .config import ConfigError
 from .errors import CheckpointError
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, free_space
 
 log = logging.getLogger("letngpt")
 MARKER = "latest_complete"
 STATE_FILE = "letngpt_state.json"
 MANIFEST = "manifest.json"
 FORMAT = 2  # state files of checkpoints that carry a manifest say so; older ones lack the key
+INCOMPLETE = "no manifest (the save did not finish)"
+KEEP_SKIPPED = 2  # set-aside checkpoints kept for a person to inspect; older ones are deleted
 _TAG = re.compile(r"^step_(\d{8,})$")
+_SKIPPED = re.compile(r"^step_(\d{8,})\.skipped$")
 # Parameters older versions had and this one dropped: the ensemble scale s of w_m = tanh(r_m) * s
 # (inert, because the head norm removes any overall scale of the mix).
 REMOVED_PARAMS = ("ensemble_scale",)
@@ -114,21 +118,58 @@ def write_manifest(folder: Path) -> None:
 
 
 def save(engine, out_dir: str | Path, step: int, state: dict, *, keep: int, is_main: bool) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+    """Collective: every rank calls it. Returns the checkpoint folder. A save that fails (a full
+    disk, most often) removes its partial folder and raises CheckpointError on every rank; the
+    previous checkpoint and the marker are untouched, so the next launch resumes from them."""
     root = checkpoint_dir(out_dir)
     tag = tag_for(step)
     state = {**state, "checkpoint_format": FORMAT}
-    engine.save_checkpoint(str(root), tag=tag, client_state={"letngpt": state}, save_latest=False)
-    _barrier()  # every rank's shard is on disk
+    error = _attempt(engine.save_checkpoint, str(root), tag=tag, client_state={"letngpt": state}, save_latest=False)
+    _fail_together(out_dir, tag, error, is_main)  # also the barrier: every rank's shard is on disk
+    state_text = json.dumps(state, indent=2, sort_keys=True)
+    error = _attempt(atomic_write_text, root / tag / STATE_FILE, state_text) if is_main else None
+    _fail_together(out_dir, tag, error, is_main)
+    error = _attempt(write_manifest, root / tag)
+    if is_main and error is None:
+        error = _attempt(atomic_write_text, root / MARKER, tag)
+    _fail_together(out_dir, tag, error, is_main)
     if is_main:
-        atomic_write_text(root / tag / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
-    _barrier()
-    write_manifest(root / tag)
-    if is_main:
-        atomic_write_text(root / MARKER, tag)
         prune(root, keep=keep, protect=tag)
     _barrier()
     return root / tag
+
+
+def _attempt(fn, *args, **kwargs) -> BaseException | None:
+    """Run one part of a save; the error it raised, or None. torch reports a full disk as a
+    RuntimeError ("file write failed"), Python as OSError(ENOSPC)."""
+    try:
+        fn(*args, **kwargs)
+    except (OSError, RuntimeError) as e:
+        return e
+    return None
+
+
+def _fail_together(out_dir: str | Path, tag: str, error: BaseException | None, is_main: bool) -> None:
+    """Collective. When any rank's part of the save failed: rank 0 removes the partial folder, and
+    every rank raises one CheckpointError naming the out_dir, the cause and the free space."""
+    errors = [e for e in _gather(None if error is None else _one_line(error)) if e]
+    if not errors:
+        return
+    root = checkpoint_dir(out_dir)
+    if is_main:
+        shutil.rmtree(root / tag, ignore_errors=True)  # a partial save: no use to anyone, and it holds space
+    _barrier()
+    previous = (root / MARKER).read_text().strip() if (root / MARKER).is_file() else None
+    keep = f"{previous} stays the newest checkpoint" if previous else "no earlier checkpoint exists"
+    raise CheckpointError(f"could not write checkpoint {tag} in {Path(out_dir).resolve()} ({errors[0]}); "
+                          f"{free_space(root)} free there; the partial {tag} was removed and {keep}. "
+                          "Free space and launch again: the run resumes by itself")
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return os.strerror(error.errno)
+    return f"{type(error).__name__}: {error}".splitlines()[0][:200]
 
 
 def is_complete(folder: Path) -> bool:
@@ -182,10 +223,12 @@ def verify(folder: Path) -> str | None:
     """Collective. None when the checkpoint verifies, else the reason (the same on every rank)."""
     rank, world = _world()
     reason = None
-    if not (folder / STATE_FILE).is_file():
+    if not (folder / MANIFEST).is_file() and not is_complete(folder):
+        reason = INCOMPLETE
+    elif not (folder / STATE_FILE).is_file():
         reason = f"{STATE_FILE} is missing"
     elif not (folder / MANIFEST).is_file():
-        reason = None if is_complete(folder) else "no manifest (the save did not finish)"
+        reason = None  # written before manifests existed: is_complete said so
     else:
         try:
             entries = json.loads((folder / MANIFEST).read_text())["files"]
@@ -201,7 +244,11 @@ def verify(folder: Path) -> str | None:
 def find_verified(out_dir: str | Path, before: int | None = None) -> tuple[str | None, list[str]]:
     """Collective. The newest checkpoint (older than step `before`, if given) that verifies, and
     'tag: reason' for each newer one passed over."""
-    root = checkpoint_dir(out_dir)
+    return newest_verified(checkpoint_dir(out_dir), before)
+
+
+def newest_verified(root: Path, before: int | None = None) -> tuple[str | None, list[str]]:
+    """find_verified for a checkpoints folder `root` (sampling reads one without a run around it)."""
     skipped = []
     for tag in reversed(step_tags(root)):
         if before is not None and int(_TAG.match(tag).group(1)) >= before:
@@ -216,10 +263,16 @@ def find_verified(out_dir: str | Path, before: int | None = None) -> tuple[str |
     return None, skipped
 
 
-def set_aside(out_dir: str | Path, skipped: list[str], resume_tag: str) -> None:
+def only_incomplete(skipped: list[str]) -> bool:
+    """Whether every checkpoint passed over is a save that never finished (not a corrupt one)."""
+    return bool(skipped) and all(entry.endswith(f": {INCOMPLETE}") for entry in skipped)
+
+
+def set_aside(out_dir: str | Path, skipped: list[str], resume_tag: str | None) -> None:
     """Rank 0: move checkpoints that failed verification to `<tag>.skipped` (kept for a person to
-    inspect or delete, out of the way of later saves at the same step) and point the marker at
-    the checkpoint actually resumed."""
+    inspect or delete, out of the way of later saves at the same step), keep only the newest
+    KEEP_SKIPPED of those, and point the marker at the checkpoint actually resumed (or remove it
+    when there is none)."""
     root = checkpoint_dir(out_dir)
     for entry in skipped:
         tag = entry.split(":", 1)[0]
@@ -227,8 +280,17 @@ def set_aside(out_dir: str | Path, skipped: list[str], resume_tag: str) -> None:
             target = root / f"{tag}.skipped"
             shutil.rmtree(target, ignore_errors=True)
             os.replace(root / tag, target)
-            log.warning("moved the unusable checkpoint %s to %s", tag, target.name)
-    atomic_write_text(root / MARKER, resume_tag)
+            log.warning("moved the unusable checkpoint %s to %s (the newest %d set-aside checkpoints are kept, "
+                        "older ones deleted)", tag, target.name, KEEP_SKIPPED)
+    set_aside_folders = sorted((p for p in root.iterdir() if _SKIPPED.match(p.name)),
+                               key=lambda p: int(_SKIPPED.match(p.name).group(1)))
+    for old in set_aside_folders[:-KEEP_SKIPPED]:
+        shutil.rmtree(old, ignore_errors=True)
+        log.warning("deleted the old set-aside checkpoint %s", old.name)
+    if resume_tag is None:
+        (root / MARKER).unlink(missing_ok=True)
+    else:
+        atomic_write_text(root / MARKER, resume_tag)
 
 
 def load_newest(engine, out_dir: str | Path, first: str) -> tuple[str, dict]:
@@ -269,10 +331,24 @@ def load(engine, out_dir: str | Path, tag: str | None = None) -> dict | None:
                 "but training cannot resume from it because its optimizer state holds one more tensor per "
                 "layer. Start from scratch in another --out_dir, or resume with the version that wrote it."
             ) from e
+        saved_stage = _saved_zero_stage(out_dir, tag)
+        if saved_stage is not None and saved_stage != engine.zero_optimization_stage():
+            raise ConfigError(
+                f"checkpoint {tag} was saved at ZeRO stage {saved_stage} and this run uses stage "
+                f"{engine.zero_optimization_stage()}; their optimizer files differ. Resume with "
+                f"--zero_stage={saved_stage}, or start a new --out_dir") from e
         raise
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir(out_dir) / tag}")
     return client_state["letngpt"]
+
+
+def _saved_zero_stage(out_dir: str | Path, tag: str) -> int | None:
+    """The ZeRO stage a checkpoint's state records, or None (no state, or a state from before the key)."""
+    try:
+        return (read_state(out_dir, tag) or {}).get("zero_stage")
+    except (OSError, ValueError):
+        return None
 
 
 def removed_params(folder: Path) -> list[str]:

@@ -9,6 +9,7 @@ written beside it in letngpt/config.py.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 import typing
@@ -161,5 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: aborted by a second Ctrl-C; no checkpoint written for the unfinished step", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk outside a checkpoint save (metrics, summary): one line too
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from .fsutil import free_space
+
+        out_dir = Path(command.run.train.out_dir).resolve()
+        print(f"error: {e.strerror} while writing under {out_dir} ({free_space(out_dir)} free there); free space "
+              "and launch again: the run resumes from its last checkpoint", file=sys.stderr)
+        return 2
     shutdown()
     return 0

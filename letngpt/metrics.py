@@ -165,3 +165,28 @@ def read_records(path: str | Path, kind: str = "train") -> list[dict]:
     text = Path(path).read_text() if Path(path).exists() else ""
     rows = [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
     return [r for r in rows if r.get("kind", "train") == kind]
+
+
+def redone_on_resume(kind: str, step: int, resume_step: int) -> bool:
+    """Whether a record belongs to the steps a launch resuming at `resume_step` logs again: train and
+    model records after it, and val records at it too (evaluation at a step precedes the next step)."""
+    return step > resume_step or (kind == "val" and step == resume_step)
+
+
+def drop_redone_records(path: str | Path, resume_step: int) -> int:
+    """Rewrite a metrics.jsonl (atomically) without the records a launch resuming at `resume_step`
+    writes again, and without a torn last line, so every (kind, step) has one record. Returns how
+    many records were dropped."""
+    from .fsutil import atomic_write_text
+
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_text().split("\n")
+    complete = [line for line in lines[:-1] if line.strip()]  # a last piece without "\n" was torn by a kill
+    kept = [line for line in complete
+            if not redone_on_resume((row := json.loads(line)).get("kind", "train"), int(row["step"]), resume_step)]
+    dropped = len(complete) - len(kept) + (1 if lines[-1].strip() else 0)
+    if dropped:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped

@@ -2,7 +2,8 @@
 
     python -m letngpt.sample --ckpt out/tiny_LETNGPT --prompt "ROMEO:" --max_new_tokens 100
 
-`--ckpt` is a run's out_dir (its newest complete checkpoint is used) or a checkpoint folder.
+`--ckpt` is a run's out_dir (its newest checkpoint that verifies against its manifest is used)
+or a checkpoint folder (which must verify).
 Weights are read on one process without DeepSpeed: ZeRO 0 checkpoints hold the full
 model; ZeRO 1-3 ones are consolidated with DeepSpeed's zero_to_fp32 reader.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -19,19 +21,27 @@ import torch
 from . import checkpoint
 from .config import RunConfig
 from .data import DataError
+from .errors import CheckpointError
 from .model import LETnGPT, build_model
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """(checkpoints root, tag) for an out_dir, a checkpoints folder or a step_* folder."""
+    """(checkpoints root, tag) for an out_dir, a checkpoints folder or a step_* folder. The
+    checkpoint is verified against its manifest as resume does: a folder named explicitly must
+    verify; under an out_dir the newest one that verifies is taken, each one passed over named on
+    stderr. Nothing is moved: a run may be training there."""
     path = Path(path)
-    if (path / checkpoint.STATE_FILE).is_file():
+    if (path / checkpoint.STATE_FILE).is_file() or path.name.startswith("step_"):
+        reason = checkpoint.verify(path)
+        if reason:
+            raise CheckpointError(f"checkpoint {path} does not verify: {reason}")
         return path.parent, path.name
-    for root in (checkpoint.checkpoint_dir(path), path):
-        marker = root / checkpoint.MARKER
-        if marker.is_file():
-            return root, marker.read_text().strip()
-    raise FileNotFoundError(f"no complete checkpoint under {path}")
+    root = checkpoint.checkpoint_dir(path) if checkpoint.checkpoint_dir(path).is_dir() else path
+    tag, skipped = checkpoint.newest_verified(root)  # warns about each one it skips
+    if tag is None:
+        detail = f" ({'; '.join(skipped)})" if skipped else ""
+        raise CheckpointError(f"no checkpoint under {path} verifies{detail}")
+    return root, tag
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[LETnGPT, dict]:
@@ -103,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_dir", default=None, help="dataset whose meta.json names the tokenizer (default: the run's)")
     p.add_argument("--print_token_count", action="store_true", help="end with 'generated N tokens'")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="warning: %(message)s")
     try:
         model, state = load_model(args.ckpt, args.device)
         enc = get_tokenizer(args.tokenizer, args.data_dir or state["config"]["train"].get("data_dir"))
         ids = enc.encode_ordinary(args.prompt) if hasattr(enc, "encode_ordinary") else enc.encode(args.prompt)
-    except (FileNotFoundError, DataError) as e:
+    except (FileNotFoundError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ids = ids or ([enc.eot_token] if enc.eot_token is not None else [0])

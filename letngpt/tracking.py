@@ -34,6 +34,7 @@ HTTP_ENV = {
     "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false",  # a 429/503 could otherwise ask us to sleep
 }
 PROBE_TIMEOUT_S = 3.0
+SQL_STORES = ("sqlite:", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores, by URI scheme
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -128,6 +129,48 @@ def _seed_sqlite(db: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def quiet_mlflow_store():
+    """MLflow's SQL store logs every database error with its full traceback (90 lines for a
+    read-only store) before raising it; the tracker reports each failure itself, in one line."""
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    was = store_log.disabled
+    store_log.disabled = True
+    try:
+        yield
+    finally:
+        store_log.disabled = was
+
+
+def _delete_metrics_after(uri: str, run_id: str, step: int) -> int:
+    """Delete run `run_id`'s metric values after `step` (val/* values from `step` on) from an MLflow
+    SQL store, and rebuild its latest values from what remains. Returns the number deleted."""
+    import sqlalchemy as sa
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+
+    history, latest = SqlMetric.__table__, SqlLatestMetric.__table__
+
+    def superseded(table):
+        is_val = table.c.key.like("val/%")
+        return sa.and_(table.c.run_uuid == run_id,
+                       sa.or_(table.c.step > step, sa.and_(is_val, table.c.step == step)))
+
+    engine = sa.create_engine(uri)
+    try:
+        with engine.begin() as conn:
+            dropped = conn.execute(history.delete().where(superseded(history))).rowcount
+            keys = [row.key for row in conn.execute(sa.select(latest.c.key).where(superseded(latest)))]
+            conn.execute(latest.delete().where(superseded(latest)))
+            for key in keys:  # the newest remaining value of each key becomes its latest again
+                row = conn.execute(sa.select(history).where(history.c.run_uuid == run_id, history.c.key == key)
+                                   .order_by(history.c.step.desc(), history.c.timestamp.desc()).limit(1)).first()
+                if row is not None:
+                    conn.execute(latest.insert().values(**row._mapping))
+    finally:
+        engine.dispose()
+    return dropped
+
+
 class Tracker:
     """One MLflow run, new or resumed. Every method is safe to call in any state and never raises."""
 
@@ -164,7 +207,8 @@ class Tracker:
         for key, value in HTTP_ENV.items():
             os.environ.setdefault(key, value)
         try:
-            self._open(run_id)
+            with quiet_mlflow_store():
+                self._open(run_id)
         except Exception as exc:
             self._disable("start", exc)
             return None
@@ -180,7 +224,7 @@ class Tracker:
 
         artifacts = None
         if self.uri.startswith("sqlite:///"):  # artifacts beside the store, not in the working directory
-            db = Path(self.uri.removeprefix("sqlite:///").split("?")[0]).resolve()
+            db = Path(self.uri.removeprefix("sqlite:///").split("?")[0].removeprefix("file:")).resolve()
             artifacts = str(db.parent / "mlartifacts")
             _seed_sqlite(db)
         client = mlflow.MlflowClient(self.uri)
@@ -213,8 +257,9 @@ class Tracker:
         return exp.experiment_id
 
     def _disable(self, what: str, exc: BaseException) -> None:
+        detail = " ".join(str(exc).split())[:300]  # one line: SQLAlchemy's messages span several
         log.warning("MLflow %s failed (%s: %s); tracking disabled for the rest of this run",
-                    what, type(exc).__name__, str(exc)[:300])
+                    what, type(exc).__name__, detail)
         self.client = None
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> bool:
@@ -222,11 +267,32 @@ class Tracker:
         if self.client is None:
             return False
         try:
-            getattr(self.client, method)(*args, **kwargs)
+            with quiet_mlflow_store():
+                getattr(self.client, method)(*args, **kwargs)
             return True
         except Exception as exc:
             self._disable(method, exc)
             return False
+
+    def drop_metrics_after(self, step: int) -> None:
+        """On resume: remove the values the crashed launch logged after `step` (and its val values
+        at `step`), which this launch logs again, so each step keeps one value. Done in the store's
+        SQL tables (MLflow has no API to delete metric values) when the URI is a database; a server
+        keeps both values, the later one per step counting (the run is tagged to say so)."""
+        if not self.active:
+            return
+        if not self.uri.startswith(SQL_STORES):  # a server, a file store: no way to delete
+            self.set_tags({"letngpt.superseded_after_step": step})
+            return
+        try:
+            dropped = _delete_metrics_after(self.uri, self._run_id, step)
+        except Exception as exc:  # tracking itself may still work: warn, keep both values, go on
+            log.warning("MLflow: could not drop the values logged after step %d (%s: %s); the later value of "
+                        "each step counts", step, type(exc).__name__, " ".join(str(exc).split())[:200])
+            self.set_tags({"letngpt.superseded_after_step": step})
+            return
+        if dropped:
+            log.info("MLflow: dropped %d metric values logged after step %d by the launch being redone", dropped, step)
 
     def _log_batch(self, kind: str, items: list, limit: int) -> None:
         """One request per `limit` entities (MLflow's per-batch limits)."""

@@ -36,7 +36,16 @@ from .errors import DivergedError
 from .fsutil import atomic_write_text
 from .guard import NonFiniteGuard, finite_or_none, skip_optimizer_step, weights_finite
 from .kernels import attention_choice
-from .metrics import MetricsWriter, StepTimer, Throughput, memory_mb, mfu, model_stats, plain_grad_norm
+from .metrics import (
+    MetricsWriter,
+    StepTimer,
+    Throughput,
+    drop_redone_records,
+    memory_mb,
+    mfu,
+    model_stats,
+    plain_grad_norm,
+)
 from .model import build_model
 from .parallel.layout import ParallelLayout, build_layout
 from .renorm import PostStepHook
@@ -99,7 +108,8 @@ def prepare_data(run: RunConfig, info: DistInfo) -> tuple[TokenData, TokenData]:
         check_token_ids(data_dir, run.model.vocab_size)
 
     on_rank0(check, is_main=info.is_main)
-    return TokenData(data_dir, "train"), TokenData(data_dir, "val")
+    block = run.model.block_size  # a split without one window fails here, not at the first batch
+    return TokenData(data_dir, "train", block), TokenData(data_dir, "val", block)
 
 
 def check_same_architecture(saved: dict, run: RunConfig, tag: str) -> None:
@@ -124,13 +134,17 @@ def plan_resume(run: RunConfig, out_dir: Path, info: DistInfo) -> tuple[str | No
         raise ConfigError(f"init_from=scratch but {out_dir} already holds checkpoints; "
                           "use --init_from=resume or another --out_dir")
     tag, skipped = checkpoint.find_verified(out_dir) if has_any else (None, [])
-    if tag is None and (t.init_from == "resume" or skipped):
+    # Saves that never finished, with nothing older: set aside, and start as if they were absent.
+    fresh_start = tag is None and t.init_from == "auto" and checkpoint.only_incomplete(skipped)
+    if tag is None and not fresh_start and (t.init_from == "resume" or skipped):
         detail = f": {'; '.join(skipped)}" if skipped else ""
         raise ConfigError(f"init_from={t.init_from} but {out_dir} holds no complete checkpoint that verifies{detail}")
-    if tag is None:
-        return None, None
     if skipped:
         on_rank0(lambda: checkpoint.set_aside(out_dir, skipped, tag), is_main=info.is_main)
+    if tag is None:
+        if fresh_start:
+            log.warning("%s holds only unfinished saves (set aside); starting from scratch", out_dir)
+        return None, None
     saved = checkpoint.read_state(out_dir, tag)
     check_same_architecture(saved, run, tag)
     return tag, saved
@@ -148,6 +162,14 @@ def maybe_reshard(out_dir: Path, tag: str | None, saved: dict | None, run: RunCo
     log.info("checkpoint %s has data-parallel size %d, this run %d: converting to a universal checkpoint",
              tag, saved["dp_size"], dp_size)
     return checkpoint.convert_to_universal(out_dir, tag, is_main=is_main), True
+
+
+class AlreadyFinished(Exception):
+    """The newest checkpoint is at or past max_iters: nothing to train, nothing to rewrite."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"already finished at step {step}")
+        self.step = step
 
 
 @dataclass
@@ -205,6 +227,8 @@ def start_tracker(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_di
                   tags={"preset": run.name, "world_size": info.world_size, "dp_size": layout.dp_size, "tp": t.tp,
                         "device": info.device.type, "git_commit": git_commit() or "unknown", **slurm_ids(),
                         **({"mlflow.parentRunId": t.parent_run_id} if t.parent_run_id else {})})
+    if state:
+        tracker.drop_metrics_after(state["step"])  # values of steps this launch redoes
     return tracker
 
 
@@ -223,6 +247,8 @@ def build_job(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: P
     post_step = PostStepHook(run, resolve_dtype(t, info.device), on_step)  # validates the method first
     train_data, val_data = prepare_data(run, info)
     tag, saved = plan_resume(run, out_dir, info)
+    if saved and saved["step"] >= t.max_iters:
+        raise AlreadyFinished(saved["step"])
     load_tag, reshard = maybe_reshard(out_dir, tag, saved, run, layout.dp_size, info.is_main)
     log_what_runs(run, info.device)
     engine, ds_config, optimizer = build_model_engine(run, info, layout, reshard)
@@ -400,11 +426,23 @@ def step_once(job: Job, writer: MetricsWriter, stop: StopFlag, start_step: int) 
     return reason
 
 
+def open_metrics(job: Job) -> MetricsWriter:
+    """The run's writer; metrics.jsonl first loses the records of steps this launch redoes (a
+    crash after the last checkpoint), so every step keeps one record."""
+    path = job.out_dir / "metrics.jsonl"
+    if not job.info.is_main:
+        return MetricsWriter(None, job.tracker)
+    dropped = drop_redone_records(path, job.step)
+    if dropped:
+        log.info("metrics.jsonl: dropped %d records after step %d, which this launch logs again", dropped, job.step)
+    return MetricsWriter(path, job.tracker)
+
+
 def loop(job: Job, stop: StopFlag) -> str:
     """Steps until max_iters or a clean stop; returns the stop reason."""
     t, start_step = job.run.train, job.step
     bar = progress_bar(job.info.is_main, job.step, t.max_iters)
-    writer = MetricsWriter(job.out_dir / "metrics.jsonl" if job.info.is_main else None, job.tracker)
+    writer = open_metrics(job)
     try:
         while job.step < t.max_iters:
             reason = step_once(job, writer, stop, start_step)
@@ -467,9 +505,22 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
             lock.release()
 
 
+def finished_summary(out_dir: Path, step: int, max_iters: int) -> dict:
+    """A relaunch of a finished run: its summary.json and tracking run stay as they are."""
+    log.info("already finished at step %d (max_iters %d); nothing to do (a larger --max_iters trains on)",
+             step, max_iters)
+    try:
+        return json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {"final_step": step, "stop_reason": "already_finished"}
+
+
 def _train_locked(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path, stop: StopFlag,
                   on_step: Callable | None) -> dict:
-    job = build_job(run, info, layout, out_dir, on_step)
+    try:
+        job = build_job(run, info, layout, out_dir, on_step)
+    except AlreadyFinished as done:
+        return finished_summary(out_dir, done.step, run.train.max_iters)
     try:
         reason = loop(job, stop)
         summary = write_summary(job, reason)

@@ -123,7 +123,7 @@ def test_cli_glob_and_doc_sep(tmp_path, capsys):
     (tmp_path / "x.txt").write_text("one\n\n\ntwo\n\n\n")
     (tmp_path / "y.txt").write_text("three")
     rc, out, _ = run_cli(capsys, "--source", tmp_path / "*.txt", "--out_dir", tmp_path / "out",
-                         "--doc_sep", r"\n\n\n", "--num_proc", 1)
+                         "--doc_sep", r"\n\n\n", "--num_proc", 1, "--block_size", 0)
     assert rc == 0 and "train" in out
     meta = json.loads((tmp_path / "out/meta.json").read_text())
     assert meta["source"]["documents"] == 3 and meta["source"]["files"] == 2
@@ -400,7 +400,8 @@ def test_char_dataset_round_trip_and_meta(tmp_path, capsys):
 
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20
     (tmp_path / "in.txt").write_text(text)
-    assert main(["--source", str(tmp_path / "in.txt"), "--out_dir", str(tmp_path / "c"), "--tokenizer", "char"]) == 0
+    assert main(["--source", str(tmp_path / "in.txt"), "--out_dir", str(tmp_path / "c"), "--tokenizer", "char",
+                 "--block_size", "8"]) == 0
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())
     assert meta["tokenizer"] == "char" and meta["chars"] == sorted(set(text)) and meta["vocab_size"] == len(set(text))
     tok = CharTokenizer.from_meta(meta)
@@ -442,7 +443,8 @@ def test_sampling_decodes_chars_and_rejects_unknown_prompt_chars(tmp_path, monke
     from letngpt import sample
 
     (tmp_path / "in.txt").write_text("to be or not to be\n" * 10)
-    assert main(["--source", str(tmp_path / "in.txt"), "--out_dir", str(tmp_path / "c"), "--tokenizer", "char"]) == 0
+    assert main(["--source", str(tmp_path / "in.txt"), "--out_dir", str(tmp_path / "c"), "--tokenizer", "char",
+                 "--block_size", "8"]) == 0
     capsys.readouterr()
     cfg = letngpt.ModelConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)
     state = {"config": {"train": {"data_dir": str(tmp_path / "c")}}}
@@ -462,3 +464,43 @@ def test_builtin_folders_prepare_on_first_use(tmp_path, monkeypatch):
     assert not prepare.ensure_builtin("data/mytext") and not (tmp_path / "data").exists()
     assert prepare.ensure_builtin("data/tinyshakespeare_char/")
     assert json.loads((tmp_path / "data/tinyshakespeare_char/meta.json").read_text())["tokenizer"] == "char"
+
+
+# --- bad data found by a hostile pass (issue 23) ---------------------------------------------
+
+
+def test_a_train_bin_with_an_odd_number_of_bytes_is_one_line(synthetic):
+    from letngpt.data.verify import check_token_ids
+
+    with open(synthetic / "train.bin", "ab") as f:
+        f.write(b"\x01")  # half a token: a copy cut short
+    with pytest.raises(DataError, match=r"train.bin: \d+ bytes is not a whole number of uint16 tokens"):
+        check_token_ids(synthetic, 65536)
+
+
+def test_the_token_id_cache_sees_an_in_place_edit_that_keeps_size_and_mtime(synthetic):
+    """The cache may skip the scan only for the file it scanned: an edit that restores the size and
+    the mtime (cp --preserve, a tool that resets timestamps) still changes ctime."""
+    import time
+
+    from letngpt.data.verify import check_token_ids
+
+    check_token_ids(synthetic, 65536)  # scanned once, cached
+    path = synthetic / "val.bin"
+    before = path.stat()
+    time.sleep(0.05)  # the kernel's timestamps tick in milliseconds
+    with open(path, "r+b") as f:  # same size, one id changed
+        f.write(np.array([7], dtype=np.uint16).tobytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(DataError, match="does not match the sha256 in meta.json"):
+        check_token_ids(synthetic, 65536)
+
+
+def test_prepare_refuses_a_corpus_too_small_for_one_block(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("to be or not to be\n" * 10)  # 190 characters: val holds 19
+    args = ["--source", tmp_path / "in.txt", "--out_dir", tmp_path / "c", "--tokenizer", "char"]
+    assert_cli_error(capsys, args, "is too small: 171 train and 19 val tokens, but a model with block_size 1024")
+    assert_cli_error(capsys, [*args, "--block_size", "64"], "needs 65 in each")
+    assert not (tmp_path / "c" / "meta.json").exists()
+    assert run_cli(capsys, *args, "--block_size", "16")[0] == 0

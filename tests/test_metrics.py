@@ -87,3 +87,19 @@ def test_trainer_logs_window_means_and_summarises_after_warmup(byte_data, tmp_pa
     cfg.vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size = 256, 2, 2, 64, 64
     assert summary["mfu"] == pytest.approx(letngpt.flops_per_token(cfg) * steady / 1e9, rel=1e-12)
     assert rows[-1]["mfu"] == pytest.approx(letngpt.flops_per_token(cfg) * rows[-1]["tokens_per_s"] / 1e9, rel=1e-12)
+
+
+def test_resume_drops_the_records_it_writes_again(tmp_path):
+    """metrics.jsonl after a kill -9: records up to step 7 (the last line torn), last checkpoint at 5.
+    Resuming at 5 keeps train/model records up to 5 and val records before 5 (val at 5 is evaluated
+    again before step 6), and no torn line."""
+    from letngpt.metrics import drop_redone_records
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "kind": "train", "train/loss": 1.0} for s in range(1, 8)]
+    rows += [{"step": s, "kind": "val", "val/loss": 2.0} for s in (0, 5)] + [{"step": 5, "kind": "model", "w": 0.1}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "ki')
+    assert drop_redone_records(path, 5) == 4  # train 6 and 7, val 5, the torn line
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in kept] == [("train", s) for s in range(1, 6)] + [("val", 0), ("model", 5)]
+    assert drop_redone_records(path, 5) == 0 and drop_redone_records(tmp_path / "none.jsonl", 5) == 0

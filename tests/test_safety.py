@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import check_ok, read_metrics, run_train, start_train, tiny, wait_for_step
+from conftest import ROOT, check_ok, read_metrics, run_train, start_train, subprocess_env, tiny, wait_for_step
 
 from letngpt import checkpoint
 from letngpt.errors import LockError
@@ -297,3 +297,207 @@ def test_out_dir_that_cannot_be_written(byte_data, tmp_path):
     blocker.write_text("")
     one_line_error(run_train(tiny(byte_data, blocker / "out", "--max_iters=2")), "is not writable")
     one_line_error(run_train(tiny(byte_data, blocker, "--max_iters=2")), "is not writable")
+
+
+# --- recovery without a person (issue 23) ------------------------------------------------------
+
+def mlflow_run(out: Path):
+    """The only MLflow run of a run folder's store, and its client."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_disk_full_during_a_save_then_the_next_launch_resumes(byte_data, tmp_path):
+    """The save at step 4 hits a full disk: one line naming the out_dir and the free space, exit 2;
+    step 2 and the marker intact, the partial step 4 gone, the lock released. The next launch
+    resumes from step 2 by itself."""
+    args = tiny(byte_data, tmp_path, "--max_iters=6", "--checkpoint_interval=2", "--eval_interval=3")
+    proc = run_train(["4", *args], script="tests/workers/disk_full.py")
+    one_line_error(proc, "could not write checkpoint step_00000004", str(tmp_path.resolve()), "free there",
+                   "step_00000002 stays")
+    assert step_tags(tmp_path) == ["step_00000002"] and checkpoint.latest_tag(tmp_path) == "step_00000002"
+    assert checkpoint.verify(checkpoint.checkpoint_dir(tmp_path) / "step_00000002") is None
+    assert not (tmp_path / LOCK_FILE).exists()
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]  # steps 3 and 4 are lost with the save
+
+    check_ok(proc := run_train(args))
+    assert "resumed from step_00000002 at step 2" in proc.stdout
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "summary.json").read_text())["final_step"] == 6
+    assert mlflow_run(tmp_path)[1].info.status == "FINISHED"
+
+
+def test_kill_9_then_resume_keeps_one_record_per_step(byte_data, tmp_path):
+    """Killed after logging steps 4 and 5 with the last checkpoint at 3: the resumed launch redoes
+    them (and val at 3), and metrics.jsonl and MLflow hold each step once."""
+    args = tiny(byte_data, tmp_path, "--max_iters=6", "--checkpoint_interval=3", "--eval_interval=3")
+    proc = run_train(["6", *args], script="tests/workers/kill_at_step.py")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4, 5] and step_tags(tmp_path) == ["step_00000003"]
+    check_ok(proc := run_train(args))
+    assert "resumed from step_00000003 at step 3" in proc.stdout
+    for kind, steps in (("train", [1, 2, 3, 4, 5, 6]), ("val", [0, 3, 6])):
+        assert [m["step"] for m in read_metrics(tmp_path, kind)] == steps, kind
+    client, run = mlflow_run(tmp_path)
+    for key, steps in (("train/loss", [1, 2, 3, 4, 5, 6]), ("val/loss", [0, 3, 6])):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == steps, key
+
+
+def test_relaunching_a_finished_run_changes_nothing(byte_data, good_run, tmp_path):
+    out = copy_run(good_run, tmp_path / "run")
+    files = {name: (out / name).read_bytes() for name in ("summary.json", "metrics.jsonl")}
+    client, before = mlflow_run(out)
+    history = client.get_metric_history(before.info.run_id, "train/loss")
+    proc = run_train(tiny(byte_data, out, "--max_iters=20", "--checkpoint_interval=10", "--zero_stage=1"))
+    check_ok(proc)
+    assert "already finished at step 20 (max_iters 20); nothing to do" in proc.stdout
+    assert {name: (out / name).read_bytes() for name in files} == files
+    client, after = mlflow_run(out)
+    assert (after.info.status, after.info.end_time, after.data.metrics) == \
+           (before.info.status, before.info.end_time, before.data.metrics)
+    assert len(client.get_metric_history(after.info.run_id, "train/loss")) == len(history)
+    assert step_tags(out) == ["step_00000010", "step_00000020"] and not (out / LOCK_FILE).exists()
+
+
+def test_sampling_takes_the_newest_checkpoint_that_verifies(byte_data, good_run, tmp_path, capsys):
+    from letngpt import sample
+
+    out = copy_run(good_run, tmp_path / "run")
+    newest = checkpoint.checkpoint_dir(out) / "step_00000020"
+    victim = max(newest.glob("*.pt"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    victim.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "letngpt.sample", "--ckpt", str(out), "--max_new_tokens", "3",
+                           "--print_token_count"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    check_ok(proc)
+    assert "warning: skipping checkpoint step_00000020:" in proc.stderr and "checksum" in proc.stderr
+    assert "generated 3 tokens" in proc.stdout
+    _, state = sample.load_model(out)
+    assert state["step"] == 10
+    assert (newest / victim.name).exists()  # sampling moves nothing: a run may be training there
+
+    assert sample.main(["--ckpt", str(newest)]) == 2  # named explicitly: it must verify
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: checkpoint") and "does not verify" in err[-1] and "Traceback" not in "".join(err)
+
+    (checkpoint.checkpoint_dir(out) / checkpoint.MARKER).write_text("step_00000030")  # names a missing step
+    assert sample.load_model(out)[1]["step"] == 10
+
+
+def test_unfinished_saves_with_nothing_older_are_set_aside(byte_data, tmp_path):
+    """A second Ctrl-C during the stop save left step 5 without a manifest, and nothing older: the
+    next auto launch sets it aside and starts from scratch; init_from=resume still refuses."""
+    import torch
+
+    from letngpt.cli import parse
+    from letngpt.distributed import DistInfo
+    from letngpt.trainer import plan_resume
+
+    root = checkpoint.checkpoint_dir(tmp_path)
+    (root / "step_00000005").mkdir(parents=True)
+    (root / "step_00000005" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    resume = parse(tiny(byte_data, tmp_path, "--init_from=resume")).run
+    with pytest.raises(Exception, match="holds no complete checkpoint that verifies"):
+        plan_resume(resume, tmp_path, info)
+    assert plan_resume(parse(tiny(byte_data, tmp_path)).run, tmp_path, info) == (None, None)
+    assert not (root / "step_00000005").exists() and (root / "step_00000005.skipped").is_dir()
+
+
+def test_resuming_at_another_zero_stage_says_so(byte_data, good_run, tmp_path):
+    out = copy_run(good_run, tmp_path / "run")
+    proc = run_train(tiny(byte_data, out, "--max_iters=22", "--zero_stage=0"))
+    one_line_error(proc, "saved at ZeRO stage 1", "this run uses stage 0", "--zero_stage=1")
+    assert step_tags(out) == ["step_00000010", "step_00000020"]
+
+
+def test_set_aside_checkpoints_are_pruned_to_the_newest_few(tmp_path, caplog):
+    root = checkpoint.checkpoint_dir(tmp_path)
+    for step in (1, 2, 3):
+        (root / f"{checkpoint.tag_for(step)}.skipped").mkdir(parents=True)
+    (root / checkpoint.tag_for(4)).mkdir()
+    (root / checkpoint.tag_for(9)).mkdir()
+    with caplog.at_level("WARNING", logger="letngpt"):
+        checkpoint.set_aside(tmp_path, ["step_00000004: no manifest"], "step_00000009")
+    kept = sorted(p.name for p in root.iterdir() if p.name.endswith(".skipped"))
+    assert kept == ["step_00000003.skipped", "step_00000004.skipped"] and checkpoint.KEEP_SKIPPED == 2
+    assert "newest 2 set-aside checkpoints are kept" in caplog.text
+    assert (root / checkpoint.MARKER).read_text() == "step_00000009"
+
+
+# --- locks a person would have had to delete ---------------------------------------------------
+
+def test_an_empty_or_unreadable_lock_names_the_command_that_removes_it(tmp_path):
+    for content in ("", "{not json"):
+        (tmp_path / LOCK_FILE).write_text(content)
+        with pytest.raises(LockError) as caught:
+            OutDirLock(tmp_path).acquire()
+        assert f"rm {(tmp_path / LOCK_FILE).resolve()}" in str(caught.value) and "\n" not in str(caught.value)
+        assert (tmp_path / LOCK_FILE).read_text() == content  # refused, not deleted
+
+
+def test_a_live_holder_is_refused_with_the_commands_to_check_and_remove_it(tmp_path):
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node7", "pid": 4242, "slurm_job_id": "99",
+                                                  "started": "2026-01-01T00:00:00+0000"}))
+    with pytest.raises(LockError) as caught:
+        OutDirLock(tmp_path).acquire()
+    message = str(caught.value)
+    assert "in use by another run" in message and "`ps -o pid,lstart,args -p 4242` on node7" in message
+    assert "`squeue -j 99`" in message and f"rm {(tmp_path / LOCK_FILE).resolve()}" in message
+
+
+def test_a_reused_pid_is_known_for_a_stale_lock(tmp_path):
+    """The holder's pid now belongs to another program (this test's parent): its process start
+    differs from the one the lock recorded, so the lock is taken over; an old lock without the
+    record is refused (nothing tells the two apart)."""
+    holder = {"host": socket.gethostname(), "pid": os.getppid(), "slurm_job_id": "", "started": "earlier"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(holder))
+    with pytest.raises(LockError, match=f"ps -o pid,lstart,args -p {os.getppid()}"):
+        OutDirLock(tmp_path).acquire()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({**holder, "process_start": "another-boot:1"}))
+    lock = OutDirLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_a_full_disk_leaves_no_lock_behind(tmp_path, monkeypatch):
+    import errno
+
+    from letngpt import runlock
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runlock.json, "dump", full)
+    with pytest.raises(LockError, match="No space left on device.*free there"):
+        OutDirLock(tmp_path).acquire()
+    assert list(tmp_path.iterdir()) == []  # no empty run.lock that would refuse every later launch
+    monkeypatch.undo()
+    lock = OutDirLock(tmp_path)
+    lock.acquire()  # space freed: the next launch takes it
+    lock.release()
+
+
+def test_a_full_disk_anywhere_else_is_one_line_too(tmp_path, monkeypatch, capsys):
+    """metrics.jsonl or summary.json hitting a full disk: the same one line (out_dir, free space)."""
+    import errno
+
+    import letngpt.trainer
+    from letngpt.cli import main
+
+    def full(run):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+
+    monkeypatch.setattr(letngpt.trainer, "train", full)
+    assert main(["--config", "tiny_LETNGPT", f"--out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: No space left on device while writing under {tmp_path}")
+    assert "free there" in err

@@ -274,3 +274,47 @@ def test_flatten():
 def test_git_commit():
     sha = git_commit()
     assert sha is None or (isinstance(sha, str) and 4 <= len(sha) <= 40)
+
+
+def test_resume_drops_the_values_of_redone_steps(tmp_path):
+    """A launch crashed after logging steps 1-7 with its last checkpoint at 5: resuming at 5 removes
+    the later values (and val at 5, evaluated again before step 6), so each step keeps one value, and
+    the run's latest values are the newest that remain."""
+    out = tmp_path / "run"
+    first = Tracker(out)
+    run_id = first.start()
+    for step in range(1, 8):
+        first.log_metrics({"train/loss": float(step)}, step)
+    for step in (0, 5):
+        first.log_metrics({"val/loss": 10.0 + step}, step)
+    first.end("FAILED")
+    second = Tracker(out)
+    second.start(run_id=run_id)
+    second.drop_metrics_after(5)
+    history = {key: sorted((m.step, m.value) for m in client_for(out).get_metric_history(run_id, key))
+               for key in ("train/loss", "val/loss")}
+    assert history == {"train/loss": [(s, float(s)) for s in range(1, 6)], "val/loss": [(0, 10.0)]}
+    assert client_for(out).get_run(run_id).data.metrics == {"train/loss": 5.0, "val/loss": 10.0}
+    second.log_metrics({"val/loss": 3.0}, 5)
+    second.log_metrics({"train/loss": 0.5}, 6)
+    second.end()
+    assert client_for(out).get_run(run_id).data.metrics == {"train/loss": 0.5, "val/loss": 3.0}
+    assert len(client_for(out).get_metric_history(run_id, "train/loss")) == 6
+
+
+def test_a_read_only_store_costs_one_warning_line(tmp_path, caplog, capfd):
+    """Opened read-only (as a store without write permission is), MLflow's SQL layer logs each error
+    with its traceback: the tracker says it once, in one line."""
+    out = tmp_path / "run"
+    Tracker(out).start()  # the store exists
+    uri = f"sqlite:///file:{out / 'mlflow.db'}?mode=ro&uri=true"
+    tracker = Tracker(out, tracking_uri=uri)
+    with caplog.at_level(logging.WARNING):
+        assert tracker.start(params=PARAMS) is None and not tracker.active
+        tracker.log_metrics({"train/loss": 1.0}, 1)
+        tracker.end("FAILED")
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.out + captured.err + caplog.text
+    assert [r.name for r in caplog.records if r.levelno >= logging.WARNING] == ["letngpt.tracking"]
+    (line,) = warnings_of(caplog)
+    assert "readonly database" in line and "\n" not in line

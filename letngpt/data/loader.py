@@ -50,6 +50,15 @@ def read_meta(data_dir: str | Path) -> dict:
     return meta
 
 
+def token_count(path: Path) -> int:
+    """Tokens in a .bin file; DataError when its size is not a whole number of them (truncated)."""
+    size, itemsize = path.stat().st_size, np.dtype(TOKEN_DTYPE).itemsize
+    if size % itemsize:
+        raise DataError(f"{path}: {size} bytes is not a whole number of uint16 tokens (truncated?); "
+                        f"re-prepare {path.parent}")
+    return size // itemsize
+
+
 class TokenData:
     """One split of a prepared folder, validated on open (size, token count, dtype)."""
 
@@ -63,11 +72,7 @@ class TokenData:
         self.path = self.data_dir / f"{split}.bin"
         if not self.path.is_file():
             raise DataError(f"{self.path} is missing although meta.json exists; re-prepare {self.data_dir}")
-        size = self.path.stat().st_size
-        itemsize = np.dtype(TOKEN_DTYPE).itemsize
-        if size % itemsize:
-            raise DataError(f"{self.path}: {size} bytes is not a whole number of uint16 tokens (truncated?)")
-        self.n_tokens = size // itemsize
+        self.n_tokens = token_count(self.path)
         expected = self.meta.get(f"{split}_tokens")
         if expected != self.n_tokens:
             raise DataError(f"{self.path} holds {self.n_tokens} tokens but meta.json says {expected}")

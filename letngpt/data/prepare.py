@@ -20,6 +20,8 @@ Policies (also recorded in meta.json):
   sorted, listed in meta.json as `chars` (sampling decodes with it); documents are concatenated with
   no separator and there is no EOT token.
 - Token ids are stored as uint16, so the tokenizer's ids must fit (n_vocab <= 65536).
+- Size: train and val must each hold one window of `--block_size` (default 1024) + 1 tokens, else
+  the corpus is refused here rather than at the start of training.
 - Atomic output: each .bin is written as `<name>.tmp`, fsynced and renamed; meta.json is written
   last (atomically), so a folder with meta.json is complete and one without it is not prepared.
 """
@@ -182,8 +184,10 @@ def base_meta(enc, requested: str, source: dict, split_policy: str) -> dict:
 
 def prepare_text(source: str | Path, out_dir: str | Path, *, tokenizer: str = "gpt2",
                  val_fraction: float = 0.1, doc_sep: str | None = None, errors: str = "strict",
-                 num_proc: int | None = None) -> dict:
-    """Local text -> out_dir/{train,val}.bin + meta.json (see the module docstring for the policies)."""
+                 num_proc: int | None = None, block_size: int = 0) -> dict:
+    """Local text -> out_dir/{train,val}.bin + meta.json (see the module docstring for the policies).
+    With `block_size`, a corpus whose train or val split cannot fill one window of that context is
+    refused before anything is written."""
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     files = find_text_files(source)
@@ -203,9 +207,18 @@ def prepare_text(source: str | Path, out_dir: str | Path, *, tokenizer: str = "g
     if n < 2:
         raise DataError(f"corpus {source} has {n} token(s); need at least 2 to split into train and val")
     n_train = min(max(int(n * (1 - val_fraction)), 1), n - 1)
+    check_fits_block(source, n_train, n - n_train, block_size)
     meta["val_fraction"] = val_fraction
     splits = {"train": ([tokens[:n_train]], n_train), "val": ([tokens[n_train:]], n - n_train)}
     return write_dataset(out_dir, splits, meta)
+
+
+def check_fits_block(source: str | Path, n_train: int, n_val: int, block_size: int) -> None:
+    """DataError unless train and val each hold one training window (block_size + 1 tokens)."""
+    if block_size > 0 and min(n_train, n_val) < block_size + 1:
+        raise DataError(f"corpus {source} is too small: {n_train} train and {n_val} val tokens, but a model with "
+                        f"block_size {block_size} needs {block_size + 1} in each; add text, raise --val_fraction, "
+                        f"or pass the --block_size you will train with")
 
 
 def char_tokens(docs: list[str], source_info: dict, val_fraction: float) -> tuple[np.ndarray, dict]:
@@ -319,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc_sep", help=r"split files into documents on this string (\n, \t unescaped)")
     p.add_argument("--errors", choices=["strict", "replace"], default="strict", help="bad UTF-8 policy")
     p.add_argument("--num_proc", type=int, default=DEFAULT_NUM_PROC, help="tokenizer processes")
+    p.add_argument("--block_size", type=int, default=1024,
+                   help="the context you will train with: train and val must each hold block_size + 1 tokens "
+                        "(default 1024, GPT-2's; 0 skips the check)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # stderr: errors only
     try:
@@ -339,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out_dir)
             doc_sep = args.doc_sep.replace("\\n", "\n").replace("\\t", "\t") if args.doc_sep else None
             meta = prepare_text(args.source, out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
-                                doc_sep=doc_sep, errors=args.errors, num_proc=args.num_proc)
+                                doc_sep=doc_sep, errors=args.errors, num_proc=args.num_proc,
+                                block_size=args.block_size)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,9 +4,9 @@ meta.json says which tokenizer and vocabulary wrote a folder, but a folder can l
 meta.json beside GPT-2 ids) and a .bin can be replaced or corrupted without changing its size.
 Either would end in an IndexError deep inside a rank, minutes into the run. So the first run on a
 file reads it once, checks its sha256 against meta.json and finds its largest id; the result is
-remembered in `<split>.bin.verified.json`, keyed by the file's size and modification time, so
-later runs (and every run on a 10 GB OpenWebText split) pay nothing. A read-only data folder is
-simply checked again each time.
+remembered in `<split>.bin.verified.json`, keyed by the file's inode, size, mtime and ctime (an
+in-place edit that restores size and mtime still changes ctime), so later runs (and every run on a
+10 GB OpenWebText split) pay nothing. A read-only data folder is simply checked again each time.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import DataError
-from .loader import TOKEN_DTYPE, check_vocab, read_meta
+from .loader import TOKEN_DTYPE, check_vocab, read_meta, token_count
 
 log = logging.getLogger("letngpt")
 CHUNK_TOKENS = 1 << 24
@@ -28,7 +28,7 @@ CHUNK_TOKENS = 1 << 24
 def scan(path: Path) -> tuple[str, int]:
     """(sha256 of the file, largest token id) in one pass of bounded memory."""
     sha, max_id = hashlib.sha256(), -1
-    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r") if path.stat().st_size else np.zeros(0, TOKEN_DTYPE)
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r") if token_count(path) else np.zeros(0, TOKEN_DTYPE)
     for start in range(0, len(tokens), CHUNK_TOKENS):
         chunk = np.asarray(tokens[start:start + CHUNK_TOKENS])
         sha.update(chunk.tobytes())
@@ -37,8 +37,11 @@ def scan(path: Path) -> tuple[str, int]:
 
 
 def _stamp_key(path: Path) -> dict:
+    """What the cache trusts: the same file (inode; not the device, which differs between the nodes
+    mounting one NFS share) not written since (size, mtime and ctime). Any write or replacement
+    changes ctime, and unlike mtime no user tool can set it back."""
     st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
 
 def max_token_id(path: Path, expected_sha256: str | None) -> int:
