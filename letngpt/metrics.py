@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .distributed import all_reduce_
 from .flops import flops_per_token, peak_tflops
 
 log = logging.getLogger("letngpt")
@@ -99,13 +100,14 @@ def plain_grad_norm(engine) -> float | None:
         return None
     mpu = engine.mpu
     tp_rank = mpu.get_model_parallel_rank() if mpu else 0
-    total = torch.zeros((), dtype=torch.float64)
+    # Summed where the gradients are and all-reduced there: NCCL reduces GPU tensors only.
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for p in engine.module.parameters():
         # Under TP: shards count on every rank, replicated tensors once (on TP rank 0).
         if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
-            total += p.grad.detach().double().pow(2).sum().cpu()
+            total += p.grad.detach().double().pow(2).sum()
     if mpu and mpu.get_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(total, group=mpu.get_model_parallel_group())
+        total = all_reduce_(total, engine.device, group=mpu.get_model_parallel_group())
     return float(total.sqrt())
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..distributed import all_reduce_
 from ..model import normalize_weights_, unit
 
 EPS = 1e-12  # the clamp letngpt.model.unit applies to a norm
@@ -111,7 +112,7 @@ def _all_reduce_norms(sums: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     """THE communication: one SUM all-reduce of every row's partial sum of squares."""
     nbytes = 0
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        sums = all_reduce_(sums, sums.device, group=group)
         nbytes = sums.numel() * sums.element_size()
     return sums.sqrt_().clamp_min_(EPS), nbytes
 
