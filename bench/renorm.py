@@ -54,10 +54,16 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, result
 
 
+# Ops that only make a new view of a tensor: no kernel on any device.
+VIEW_OPS = {"aten::view", "aten::narrow", "aten::slice", "aten::select", "aten::alias", "aten::unsqueeze",
+            "aten::squeeze", "aten::unbind", "aten::as_strided", "aten::detach", "aten::expand", "aten::t",
+            "aten::transpose", "aten::permute", "aten::_unsafe_view"}
+
+
 def count_ops(fn) -> dict:
-    """Ops one call of `fn` launches, from torch.profiler: top-level aten / c10d ops on the host
-    (each is at least one kernel launch on a GPU; ops they call internally are not counted again)
-    and, on CUDA, the device kernels themselves."""
+    """Ops one call of `fn` launches, from torch.profiler: top-level aten / c10d ops on the host that
+    compute (each is at least one kernel launch on a GPU; views and no-op `.to()`s are left out, and
+    ops called inside another are not counted again) and, on CUDA, the device kernels themselves."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -65,7 +71,8 @@ def count_ops(fn) -> dict:
         fn()
     events = prof.events()
     host = [e for e in events if e.cpu_parent is None and e.device_type.name == "CPU"
-            and e.name.split("::")[0] in ("aten", "c10d")]
+            and e.name.split("::")[0] in ("aten", "c10d") and e.name not in VIEW_OPS
+            and not (e.name in ("aten::to", "aten::contiguous") and not e.cpu_children)]
     kernels = [e for e in events if e.device_type.name == "CUDA"]
     return {"host_ops": len(host), "cuda_kernels": len(kernels) if torch.cuda.is_available() else None}
 
