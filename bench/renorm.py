@@ -57,7 +57,8 @@ def _timed(fn) -> tuple[float, object]:
 # Ops that only make a new view of a tensor: no kernel on any device.
 VIEW_OPS = {"aten::view", "aten::narrow", "aten::slice", "aten::select", "aten::alias", "aten::unsqueeze",
             "aten::squeeze", "aten::unbind", "aten::as_strided", "aten::detach", "aten::expand", "aten::t",
-            "aten::transpose", "aten::permute", "aten::_unsafe_view"}
+            "aten::transpose", "aten::permute", "aten::_unsafe_view", "aten::view_as", "aten::split",
+            "aten::split_with_sizes", "aten::chunk"}
 
 
 def count_ops(fn) -> dict:

@@ -24,6 +24,7 @@ Call it on every rank after every applied step: `collective_renormalize_(engine)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class _Target:
     dim: int  # the normalised axis
     shape: tuple[int, int]  # full shape (ds_shape under ZeRO 3)
     span: slice  # this matrix's norms in the shared buffer: rows if dim == 1, columns if dim == 0
+    kind: str = ""  # the name with its layer number starred: the same matrix of every layer
 
 
 def check_normalized_axis(name: str, shape: tuple[int, ...], dim: int, n_embd: int, tp_dim: int | None = None) -> None:
@@ -59,9 +61,11 @@ def check_normalized_axis(name: str, shape: tuple[int, ...], dim: int, n_embd: i
 
 
 def _targets(model: nn.Module) -> list[_Target]:
-    """The normalised matrices, their norms laid out in the shared buffer grouped by (shape, axis):
-    matrices of one shape sit side by side there, so that a run of them (consecutive layers' q, k,
-    ...) reads and writes its norms as one [k, n] view and is normalised in one stacked pass."""
+    """The normalised matrices, their norms laid out in the shared buffer by kind (the same matrix of
+    every layer: `blocks.*.attn.query.weight`): one kind's norms sit side by side there, so that a
+    run of them (consecutive layers) reads and writes its norms as one [k, n] view and is normalised
+    in one batched pass; in DeepSpeed's flat buffers the run's matrices also lie at equal spacing,
+    so the batch is a strided view of them, not a copy."""
     params, n_embd = dict(model.named_parameters()), model.config.n_embd
     groups: dict[tuple, list[tuple[str, nn.Parameter, int, tuple[int, int]]]] = {}
     for name, dim in model.unit_norm_axes().items():
@@ -69,12 +73,12 @@ def _targets(model: nn.Module) -> list[_Target]:
         shape = tuple(getattr(p, "ds_shape", p.shape))
         tp_dim = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None
         check_normalized_axis(name, shape, dim, n_embd, tp_dim)
-        groups.setdefault((shape, dim), []).append((name, p, dim, shape))
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append((name, p, dim, shape))
     targets, offset = [], 0
-    for members in groups.values():
+    for kind, members in groups.items():
         for name, p, dim, shape in members:
             n = shape[1 - dim]
-            targets.append(_Target(name, p, dim, shape, slice(offset, offset + n)))
+            targets.append(_Target(name, p, dim, shape, slice(offset, offset + n), kind))
             offset += n
     return targets
 
@@ -99,12 +103,12 @@ Piece = tuple[_Target, torch.Tensor, slice]  # a matrix's 2-D block and the norm
 
 
 def _runs(pieces: list[Piece]) -> Iterator[list[Piece]]:
-    """Group blocks that one stacked op can treat: same shape, axis and dtype, touching the same
-    norms of consecutive matrices of one shape group (adjacent spans in the buffer). Launches then
-    scale with the number of distinct shapes (and partition cuts), not of matrices."""
+    """Group blocks that one batched op can treat: same kind of matrix, block shape and dtype,
+    touching the same norms of consecutive matrices (adjacent spans in the buffer). Launches then
+    scale with the number of kinds of matrix (and partition cuts), not of matrices."""
     def key(piece: Piece) -> tuple:
         t, block, idx = piece
-        return t.shape, t.dim, tuple(block.shape), block.dtype, block.device, idx.start, idx.stop
+        return t.kind, t.shape, t.dim, tuple(block.shape), block.dtype, block.device, idx.start, idx.stop
 
     by_key: dict[tuple, list[Piece]] = {}
     for piece in pieces:
@@ -127,9 +131,21 @@ def _norm_view(buf: torch.Tensor, run: list[Piece]) -> torch.Tensor:
     return buf[first.span.start:last.span.stop].view(len(run), -1)[:, idx]
 
 
-def _stack(run: list[Piece]) -> torch.Tensor:
+def _batch(run: list[Piece]) -> tuple[torch.Tensor, bool]:
+    """The run's blocks as one [k, rows, width] tensor, and whether it is a view of them: a strided
+    view where they lie at equal spacing in one storage (a DeepSpeed flat buffer), else a copy."""
     blocks = [block for _, block, _ in run]
-    return blocks[0].unsqueeze(0) if len(blocks) == 1 else torch.stack(blocks)
+    first = blocks[0]
+    if len(blocks) == 1:
+        return first.unsqueeze(0), True
+    size = first.element_size()
+    step = (blocks[1].data_ptr() - first.data_ptr()) // size
+    regular = first.is_contiguous() and step >= first.numel() and all(
+        b.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and b.is_contiguous()
+        and b.data_ptr() - first.data_ptr() == i * step * size for i, b in enumerate(blocks))
+    if regular:
+        return first.as_strided((len(blocks), *first.shape), (step, *first.stride()), first.storage_offset()), True
+    return torch.stack(blocks), False
 
 
 def _pieces(parts: list[tuple[_Target, torch.Tensor, int]]) -> list[Piece]:
@@ -141,21 +157,18 @@ def _add_square_sums(sums: torch.Tensor, pieces: list[Piece]) -> None:
     """sums[span] += each block's per-row (dim 1) or per-column (dim 0) sum of squares, in fp32."""
     for run in _runs(pieces):
         dim = run[0][0].dim
-        squares = torch.linalg.vector_norm(_stack(run), dim=1 + dim, dtype=torch.float32).square_()
+        squares = torch.linalg.vector_norm(_batch(run)[0], dim=1 + dim, dtype=torch.float32).square_()
         _norm_view(sums, run).add_(squares.to(sums.device))
 
 
 def _divide(norms: torch.Tensor, pieces: list[Piece]) -> None:
     """Divide each block by its rows' (columns') norms, in place; in fp32 whatever the block's dtype
-    (a bf16 block is rounded once, from the fp32 quotient)."""
+    (the divisor is fp32, so a bf16 block is rounded once, from the fp32 quotient)."""
     for run in _runs(pieces):
-        dim, blocks = run[0][0].dim, [block for _, block, _ in run]
-        divisor = _norm_view(norms, run).to(blocks[0].device).unsqueeze(1 + dim)
-        if len(blocks) == 1 and blocks[0].dtype == torch.float32:
-            blocks[0].div_(divisor[0])
-            continue
-        quotient = (_stack(run).float() / divisor).to(blocks[0].dtype)
-        torch._foreach_copy_(blocks, list(quotient.unbind(0)))
+        batch, is_view = _batch(run)
+        batch.div_(_norm_view(norms, run).to(batch.device).unsqueeze(1 + run[0][0].dim))
+        if not is_view:
+            torch._foreach_copy_([block for _, block, _ in run], list(batch.unbind(0)))
 
 
 def _add_square_sums_(sums: torch.Tensor, flat: torch.Tensor, start: int, t: _Target) -> None:
