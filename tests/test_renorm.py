@@ -195,3 +195,17 @@ def test_grouped_renorm_launches_scale_with_shapes_not_matrices(num_maps):
         for name in axes:
             torch.testing.assert_close(params[name].detach(), expected[name], rtol=0, atol=1e-6)
     assert counts[0] == counts[1], counts
+
+
+def test_op_count_leaves_out_views_and_nested_ops():
+    """bench.renorm's instrument: ops that compute, once each (a view or a no-op .to() launches nothing)."""
+    x = torch.zeros(4, 6)
+
+    def work():
+        v = x.view(24).narrow(0, 0, 12).view(3, 4).to(torch.float32)  # views and a no-op .to(): 0
+        v.add_(1)  # 1
+        torch.linalg.vector_norm(x, dim=1)  # 1 (its internal ops are not counted again)
+        x.to(torch.float64)  # a real conversion: 1
+
+    assert _ops(work) == 3
+    assert float(x.sum()) == 12
