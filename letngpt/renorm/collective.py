@@ -67,7 +67,7 @@ def _targets(model: nn.Module) -> list[_Target]:
     in one batched pass; in DeepSpeed's flat buffers the run's matrices also lie at equal spacing,
     so the batch is a strided view of them, not a copy."""
     params, n_embd = dict(model.named_parameters()), model.config.n_embd
-    groups: dict[tuple, list[tuple[str, nn.Parameter, int, tuple[int, int]]]] = {}
+    groups: dict[str, list[tuple[str, nn.Parameter, int, tuple[int, int]]]] = {}
     for name, dim in model.unit_norm_axes().items():
         p = params[name]
         shape = tuple(getattr(p, "ds_shape", p.shape))
@@ -97,7 +97,7 @@ def _blocks(flat: torch.Tensor, start: int, t: _Target) -> Iterator[tuple[torch.
         offset += n_rows * width
 
 
-# A stacked pass copies its blocks: at most this many elements at once (256 MiB in fp32).
+# Elements one batched pass treats at most (a stacked copy of them: 256 MiB in fp32).
 MAX_STACK = 1 << 26
 Piece = tuple[_Target, torch.Tensor, slice]  # a matrix's 2-D block and the norms it touches
 
