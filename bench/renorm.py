@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--steps", type=int, default=8, help="timed steps per stage")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: bf16 weights and fp32 masters, as on GPUs (the naive method is skipped at ZeRO 0)")
     p.add_argument("--out", default="", help="optional JSON path (written by rank 0)")
     return p.parse_args(argv)
 
@@ -52,6 +54,30 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, result
 
 
+# Ops that only make a new view of a tensor: no kernel on any device.
+VIEW_OPS = {"aten::view", "aten::narrow", "aten::slice", "aten::select", "aten::alias", "aten::unsqueeze",
+            "aten::squeeze", "aten::unbind", "aten::as_strided", "aten::detach", "aten::expand", "aten::t",
+            "aten::transpose", "aten::permute", "aten::_unsafe_view", "aten::view_as", "aten::split",
+            "aten::split_with_sizes", "aten::chunk"}
+
+
+def count_ops(fn) -> dict:
+    """Ops one call of `fn` launches, from torch.profiler: top-level aten / c10d ops on the host that
+    compute (each is at least one kernel launch on a GPU; views and no-op `.to()`s are left out, and
+    ops called inside another are not counted again) and, on CUDA, the device kernels themselves."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    events = prof.events()
+    host = [e for e in events if e.cpu_parent is None and e.device_type.name == "CPU"
+            and e.name.split("::")[0] in ("aten", "c10d") and e.name not in VIEW_OPS
+            and not (e.name in ("aten::to", "aten::contiguous") and not e.cpu_children)]
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    return {"host_ops": len(host), "cuda_kernels": len(kernels) if torch.cuda.is_available() else None}
+
+
 def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
     from letngpt.config import ModelConfig, TrainConfig
     from letngpt.engine import build_engine
@@ -62,9 +88,10 @@ def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
     cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                       n_embd=args.n_embd, n_head=args.n_head, num_maps=args.num_maps, use_ngpt=True)
     train = TrainConfig(zero_stage=stage, batch_size=args.batch_size, gradient_accumulation_steps=dp_size,
-                        learning_rate=1e-3, dtype="float32", device="cpu")
+                        learning_rate=1e-3, dtype=args.dtype, device="cpu")
     torch.manual_seed(0)
-    engine, _, _ = build_engine(build_model(cfg), train, dp_size, torch.float32)
+    engine, _, _ = build_engine(build_model(cfg), train, dp_size, getattr(torch, args.dtype))
+    naive = stage > 0 or args.dtype == "float32"  # it cannot reach DeepSpeed's bf16 masters at ZeRO 0
     gen = torch.Generator().manual_seed(dist.get_rank())
 
     def step():
@@ -83,10 +110,13 @@ def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
     for i in range(args.warmup + args.steps):
         t_step, _ = _timed(step)
         t_coll, nbytes["collective"] = _timed(lambda: counted(collective_renormalize_))
-        t_naive, nbytes["naive"] = _timed(lambda: counted(renormalize_engine_weights_))
+        t_naive, nbytes["naive"] = _timed(lambda: counted(renormalize_engine_weights_)) if naive else (float("nan"), 0)
         if i >= args.warmup:
             for key, t in (("step", t_step), ("collective", t_coll), ("naive", t_naive)):
                 rows[key].append(t)
+    dist.barrier()
+    ops = count_ops(lambda: collective_renormalize_(engine))
+    dist.barrier()
     med = {k: statistics.median(v) for k, v in rows.items()}
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     return {"stage": stage, "step_s": med["step"], "collective_s": med["collective"], "naive_s": med["naive"],
@@ -94,19 +124,20 @@ def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
             "time_ratio_naive_over_collective": med["naive"] / med["collective"],
             "collective_bytes": nbytes["collective"], "naive_bytes": nbytes["naive"],
             "bytes_ratio_naive_over_collective": nbytes["naive"] / max(1, nbytes["collective"]),
-            "n_params": n_params}
+            "n_params": n_params, "n_matrices": len(engine.module.unit_norm_axes()),
+            "collective_host_ops": ops["host_ops"], "collective_cuda_kernels": ops["cuda_kernels"]}
 
 
 def table(results: list[dict]) -> str:
     head = ("ZeRO", "step ms", "coll ms", "coll %step", "naive ms", "naive %step", "naive/coll time",
-            "coll bytes", "naive bytes", "naive/coll bytes")
+            "coll bytes", "naive bytes", "naive/coll bytes", "matrices", "coll ops")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in results:
         lines.append(" | ".join([
             str(r["stage"]), f"{r['step_s'] * 1e3:.1f}", f"{r['collective_s'] * 1e3:.2f}",
             f"{r['collective_frac']:.2%}", f"{r['naive_s'] * 1e3:.2f}", f"{r['naive_frac']:.2%}",
             f"{r['time_ratio_naive_over_collective']:.1f}x", f"{r['collective_bytes']:,}", f"{r['naive_bytes']:,}",
-            f"{r['bytes_ratio_naive_over_collective']:.0f}x"]))
+            f"{r['bytes_ratio_naive_over_collective']:.0f}x", str(r["n_matrices"]), str(r["collective_host_ops"])]))
     return "\n".join(lines)
 
 
@@ -120,7 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if info.is_main:
         model = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "num_maps", "vocab_size",
                                                  "block_size", "batch_size")}
-        print(f"\nrenormalisation, {info.world_size} CPU ranks (gloo, fp32), {results[0]['n_params']:,} params, "
+        print(f"\nrenormalisation, {info.world_size} CPU ranks (gloo, {args.dtype}), "
+              f"{results[0]['n_params']:,} params, "
               f"{model}, median of {args.steps} steps\n")
         print(table(results))
         if args.out:

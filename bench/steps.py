@@ -15,8 +15,9 @@ from bench.env import free_memory, is_oom, sync
 from bench.sizes import Variant
 from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.distributed import init_distributed
-from letngpt.flops import flops_per_token, peak_tflops
+from letngpt.flops import flops_per_token
 from letngpt.guard import NonFiniteGuard
+from letngpt.metrics import device_peak_tflops
 from letngpt.parallel.layout import build_layout
 from letngpt.renorm import PostStepHook
 from letngpt.trainer import build_model_engine, train_step
@@ -120,10 +121,8 @@ def megatron_forward_outside_graph_(model: torch.nn.Module) -> None:
 
 
 def peak_for(device: torch.device, override: float = 0.0) -> float | None:
-    """Dense bf16 peak TFLOP/s of the device (None on CPU unless given)."""
-    if override:
-        return override
-    return peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    """Dense bf16 peak TFLOP/s of the device (None on CPU or an unlisted GPU unless given)."""
+    return device_peak_tflops(device, override)
 
 
 def summarize_steps(steps: list[dict[str, float]], cfg: ModelConfig, tokens_per_step: int,

@@ -86,28 +86,33 @@ def init_distributed(requested_device: str = "auto", timeout_s: float = 600.0) -
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+def _world_size(group=None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def all_reduce_(t: torch.Tensor, device: torch.device, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """THE tensor collective: all-reduce `t` over `group` on `device`, the process group's device.
+    NCCL reduces GPU tensors only (a CPU tensor is an error there, silently fine on gloo), so every
+    all-reduce in letngpt goes through here. Returns the reduced tensor, on `device`."""
+    t = t.to(device)
+    if _world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
 def all_reduce_max(flag: bool | float, device: torch.device) -> float:
     """Agree across ranks (stop signals, time limits): every rank gets the maximum."""
-    t = torch.tensor([float(flag)], device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return float(all_reduce_(torch.tensor([float(flag)]), device, op=dist.ReduceOp.MAX).item())
 
 
 def all_reduce_mean(value: float, device: torch.device, group=None) -> float:
-    t = torch.tensor([float(value)], device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-        t /= dist.get_world_size(group)
-    return float(t.item())
+    t = torch.tensor([float(value)], dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    return float(all_reduce_(t, device, group=group).item()) / _world_size(group)
 
 
 def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Elementwise sum over every rank of a small CPU tensor (sent via `device`), returned on the CPU."""
-    t = t.to(device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.cpu()
+    return all_reduce_(t, device).cpu()
 
 
 def shutdown() -> None:

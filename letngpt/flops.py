@@ -1,9 +1,12 @@
 """FLOPs accounting for MFU: matmuls plus attention, counting every ensemble map.
 
-Convention (PaLM appendix B, as Megatron-LM and nanoGPT use it): a multiply-add is 2
-FLOPs, backward costs twice forward, attention scores are counted over the full context
-(the causal mask's half is not subtracted), and element-wise work (norms, softmax, RoPE,
-the nGPT scalings) is ignored.
+Convention (PaLM appendix B for the matmuls, as Megatron-LM and nanoGPT use it): a multiply-add
+is 2 FLOPs, backward costs twice forward, and element-wise work (norms, softmax, RoPE, the nGPT
+scalings) is ignored. Causal attention is counted as HALF the full-context work (q.k and p.v over
+t/2 keys on average), as FlashAttention's benchmarks and Megatron-LM's
+`num_floating_point_operations` count it: the kernels skip the masked half, so counting it would
+overstate MFU (by ~1.35x for LET-nGPT at 4k context). Before issue 22 the full context was
+counted; the committed sweep reports' FLOPs columns predate the change (README says by how much).
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.n_layer * (attn + mlp) + cfg.vocab_size * d
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Forward attention FLOPs per token, causal: q.k and p.v over t/2 keys on average, for each
+    of the M maps of every layer (2 FLOPs per multiply-add, 2 products: 2 * 2 * (t/2) * d * M)."""
     t = seq_len or cfg.block_size
-    # Per layer and token: q.k over t keys and p.v over t values, for each of the M maps.
-    attention = cfg.n_layer * 2 * (2 * t * cfg.n_embd * cfg.num_maps)
-    return 2 * matmul_params(cfg) + attention
+    return cfg.n_layer * 2 * t * cfg.n_embd * cfg.num_maps
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    return 2 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
@@ -47,7 +54,10 @@ PEAK_TFLOPS = {"H100": 989.4, "H100 PCIe": 756.5, "H100 NVL": 835.5, "H200": 989
 
 def peak_tflops(device_name: str) -> float | None:
     """The table's figure for a device name, or None. Keys match whole words only, so "A10" is
-    not found in "A10G", "L4" not in "L40S", "H200" not in "GH200"."""
+    not found in "A10G", "L4" not in "L40S", "H200" not in "GH200", "H200" not in "H20". A MIG
+    slice ("NVIDIA H100 80GB HBM3 MIG 1g.10gb") has a fraction of the GPU's SMs: unknown too."""
+    if re.search(r"(?<![a-z0-9])mig(?![a-z0-9])", device_name.lower()):
+        return None
     for key, value in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
         if re.search(rf"(?<![a-z0-9]){re.escape(key.lower())}(?![a-z0-9])", device_name.lower()):
             return value

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .distributed import all_reduce_
 from .flops import flops_per_token, peak_tflops
 
 log = logging.getLogger("letngpt")
@@ -82,10 +83,31 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+_UNKNOWN_PEAKS: set[str] = set()  # GPU names already reported as missing from the peak table
+
+
+def device_peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
+    """--peak_tflops if given, else the table's dense bf16 peak for this GPU; None on CPU. A GPU the
+    table does not know (H800, H20, a MIG slice) is said once per process (rank 0 only) rather than
+    measured against a wrong peak."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = peak_tflops(name)
+    if peak is None and name not in _UNKNOWN_PEAKS:
+        _UNKNOWN_PEAKS.add(name)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            log.warning("MFU: unknown peak for %s; pass --peak_tflops", name)
+    return peak
+
+
 def mfu(cfg: ModelConfig, tokens_per_s: float, world_size: int, device: torch.device,
         peak_override: float = 0.0) -> float | None:
-    """Model FLOPs utilisation, or None where the peak is unknown (CPU without --peak_tflops)."""
-    peak = peak_override or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    """Model FLOPs utilisation (causal attention counted as half: letngpt.flops), or None where the
+    peak is unknown (CPU or an unlisted GPU without --peak_tflops)."""
+    peak = device_peak_tflops(device, peak_override)
     if not peak:
         return None
     return flops_per_token(cfg) * tokens_per_s / (peak * 1e12 * world_size)
@@ -99,13 +121,14 @@ def plain_grad_norm(engine) -> float | None:
         return None
     mpu = engine.mpu
     tp_rank = mpu.get_model_parallel_rank() if mpu else 0
-    total = torch.zeros((), dtype=torch.float64)
+    # Summed where the gradients are and all-reduced there: NCCL reduces GPU tensors only.
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
     for p in engine.module.parameters():
         # Under TP: shards count on every rank, replicated tensors once (on TP rank 0).
         if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
-            total += p.grad.detach().double().pow(2).sum().cpu()
+            total += p.grad.detach().double().pow(2).sum()
     if mpu and mpu.get_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(total, group=mpu.get_model_parallel_group())
+        total = all_reduce_(total, engine.device, group=mpu.get_model_parallel_group())
     return float(total.sqrt())
 
 

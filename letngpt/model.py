@@ -34,8 +34,13 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def unit(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
-    """L2-normalise along `dim` (the paper's norm(.)); the norm is taken in fp32 or better."""
-    norm = at_least_fp32(x).norm(dim=dim, keepdim=True).clamp_min(eps)
+    """L2-normalise along `dim` (the paper's norm(.)); the norm is taken in fp32 or better.
+
+    The norm accumulates in fp32 inside the kernel (`dtype=`) rather than on an fp32 copy of x:
+    autograd would keep such a copy for backward, twice the bytes of every bf16 activation nGPT
+    normalises (8 per block). This way backward keeps only x itself and the [..., 1] norm."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype).clamp_min(eps)
     return x / norm.to(x.dtype)
 
 

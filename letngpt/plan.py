@@ -12,7 +12,8 @@ Where each figure comes from (all printed beside the result):
   with autograd's saved-tensor hooks counting what backward keeps, per token, per block and for the
   embedding/head/loss; then scaled to the micro batch. Under TP, what the attention / MLP keep is
   divided by tp except their (replicated) inputs; the sphere steps and norms are replicated.
-- FLOPs: letngpt.flops (PaLM convention; +1 forward per step with activation checkpointing).
+- FLOPs: letngpt.flops (PaLM convention, causal attention counted as half; +1 forward per step with
+  activation checkpointing).
 - communication: payloads of the TP all-reduces (megatron: 2 per block forward, 5 backward, embedding
   and head), ZeRO's collectives and the renormalisation's one all-reduce; wire bytes per GPU use ring
   algorithms (all-reduce 2(n-1)/n, reduce-scatter and all-gather (n-1)/n of the payload).

@@ -187,7 +187,8 @@ NOTES = [
     "runs, one full cosine schedule per budget, interpolated against log(steps); '< B' / '> B': outside the "
     "budgets run (not extrapolated). The ratio and FLOPs/time to target use the budget runs when there are any.",
     "Non-embedding params: all but the token embedding, lm_head and nGPT's logit scale. Train FLOPs: "
-    "6 x matmul weights + attention (every map counted), per token (letngpt.flops); total = x tokens.",
+    "6 x matmul weights + attention (every map counted, causal attention as half), per token "
+    "(letngpt.flops); total = x tokens.",
     "Train time to target: steps to target x the mean training time per step (no evals/checkpoints). Wall "
     "time: the trainer's loop with evals and checkpoint saves, mean over seeds.",
     "Paired diff: the preset's final val loss minus the baseline's on the same seed (same batches and "

@@ -67,7 +67,7 @@ def test_param_groups_decay_matrices_only():
 
 
 def fake_engine(model, stage: int = 0, bf16: bool = False):
-    return SimpleNamespace(module=model, mpu=None, zero_optimization_stage=lambda: stage,
+    return SimpleNamespace(module=model, mpu=None, device=torch.device("cpu"), zero_optimization_stage=lambda: stage,
                            bfloat16_enabled=lambda: bf16, fp16_enabled=lambda: False)
 
 

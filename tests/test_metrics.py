@@ -43,14 +43,33 @@ def test_every_table_entry_is_checked():
     assert sorted(TABLE_KEY.values()) == sorted(PEAK_TFLOPS)
 
 
-@pytest.mark.parametrize("device_name", ["NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3 MIG 1g.10gb"])
+@pytest.mark.parametrize("device_name", ["NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3"])
 def test_variants_of_a_name_match(device_name):
     assert peak_tflops(device_name) == (312.0 if "A100" in device_name else 989.4)
 
 
-@pytest.mark.parametrize("device_name", ["NVIDIA A10G", "Tesla V100-SXM2-32GB", "NVIDIA H20", "cpu"])
+@pytest.mark.parametrize("device_name", ["NVIDIA A10G", "Tesla V100-SXM2-32GB", "NVIDIA H20", "NVIDIA H800",
+                                         "NVIDIA H100 80GB HBM3 MIG 1g.10gb", "NVIDIA A100-SXM4-40GB MIG 3g.20gb",
+                                         "cpu"])
 def test_unknown_or_unpublished_devices_have_no_peak(device_name):
-    assert peak_tflops(device_name) is None  # "A10" must not match "A10G"
+    assert peak_tflops(device_name) is None  # "A10" must not match "A10G"; a MIG slice is not the GPU
+
+
+def test_unknown_gpu_says_so_once_and_reports_no_mfu(monkeypatch, caplog):
+    """An unlisted GPU gets no MFU (not one against a wrong peak) and one line saying what to pass."""
+    import torch
+
+    from letngpt import metrics
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H800")
+    monkeypatch.setattr(metrics, "_UNKNOWN_PEAKS", set())
+    cfg, cuda = letngpt.ModelConfig(), torch.device("cuda", 0)
+    with caplog.at_level("WARNING", logger="letngpt"):
+        assert metrics.mfu(cfg, 1e4, 1, cuda) is None
+        assert metrics.mfu(cfg, 1e4, 1, cuda) is None
+    assert [r.getMessage() for r in caplog.records] == ["MFU: unknown peak for NVIDIA H800; pass --peak_tflops"]
+    assert metrics.mfu(cfg, 1e4, 2, cuda, peak_override=100.0) == pytest.approx(
+        letngpt.flops_per_token(cfg) * 1e4 / (100e12 * 2))
 
 
 def test_throughput_is_a_mean_over_the_window_and_skips_warmup():

@@ -350,7 +350,8 @@ def test_flops_per_token_hand_count():
     c = ModelConfig(vocab_size=100, block_size=8, n_layer=2, n_head=2, n_embd=4, num_maps=3)
     # per layer: q,k 3*16 each, v 16, o 16, mlp 3*4*16 -> 128 + 192 = 320; lm_head 400.
     matmul = 2 * 320 + 400
-    attention = 2 * 2 * (2 * 8 * 4 * 3)  # layers * (qk + pv) * (t * d * maps)
+    # layers * (qk + pv) * 2 FLOPs per multiply-add * (t/2 keys on average, causal) * d * maps
+    attention = 2 * 2 * 2 * (8 / 2) * 4 * 3
     assert letngpt.flops_per_token(c) == 3 * (2 * matmul + attention)
 
 

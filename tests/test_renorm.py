@@ -163,3 +163,49 @@ def test_fragment_arithmetic_matches_unit(shape, dim):
             _divide_(frag, start, t, norms)
         torch.testing.assert_close(torch.cat([f for _, f in frags]).view(shape), unit(w, dim=dim),
                                    rtol=1e-6, atol=1e-7)
+
+
+def _ops(fn) -> int:
+    from bench.renorm import count_ops
+
+    return count_ops(fn)["host_ops"]
+
+
+@pytest.mark.parametrize("num_maps", [1, 3])
+def test_grouped_renorm_launches_scale_with_shapes_not_matrices(num_maps):
+    """The local pass (ZeRO 0 in fp32: whole weights) normalises every matrix as unit() does, with as
+    many ops for 6 layers as for 2: one stacked pass per shape, not one per matrix (issue 22)."""
+    from letngpt.config import ModelConfig
+    from letngpt.model import build_model
+    from letngpt.renorm.collective import _renorm_weights, _targets
+
+    counts = []
+    for n_layer in (2, 6):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(vocab_size=96, block_size=8, n_layer=n_layer, n_head=2, n_embd=16,
+                                        num_maps=num_maps, use_ngpt=True))
+        axes, params = model.unit_norm_axes(), dict(model.named_parameters())
+        with torch.no_grad():
+            for p in params.values():
+                p.mul_(torch.rand_like(p) + 0.5)  # off the sphere, row by row
+        expected = {n: params[n].detach() / params[n].detach().norm(dim=d, keepdim=True) for n, d in axes.items()}
+        targets = _targets(model)
+        with torch.no_grad():
+            counts.append(_ops(lambda: _renorm_weights(targets)))  # noqa: B023 (called at once)
+        for name in axes:
+            torch.testing.assert_close(params[name].detach(), expected[name], rtol=0, atol=1e-6)
+    assert counts[0] == counts[1], counts
+
+
+def test_op_count_leaves_out_views_and_nested_ops():
+    """bench.renorm's instrument: ops that compute, once each (a view or a no-op .to() launches nothing)."""
+    x = torch.zeros(4, 6)
+
+    def work():
+        v = x.view(24).narrow(0, 0, 12).view(3, 4).to(torch.float32)  # views and a no-op .to(): 0
+        v.add_(1)  # 1
+        torch.linalg.vector_norm(x, dim=1)  # 1 (its internal ops are not counted again)
+        x.to(torch.float64)  # a real conversion: 1
+
+    assert _ops(work) == 3
+    assert float(x.sum()) == 12

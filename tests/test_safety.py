@@ -104,6 +104,31 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(stage, byte_data, tmp_path
     assert "optimizer step skipped" in proc.stdout
 
 
+@pytest.mark.parametrize("stage, optimizer", [(1, "BF16_Optimizer"), (2, "DeepSpeedZeroOptimizer"),
+                                              (3, "DeepSpeedZeroOptimizer_Stage3")])
+def test_bf16_nan_gradient_skips_the_step_on_every_rank(stage, optimizer, byte_data, tmp_path):
+    """bf16, as GPUs run it: rank 1 alone gets a NaN gradient (its loss stays finite) at step 4. On
+    BOTH ranks the fp32 masters, the bf16 weights, Adam's moments and step count do not move at
+    step 4, and step 5 trains again to finite weights and moments. (DeepSpeed's bf16 optimizers also
+    skip a step whose gradient norm is not finite: with the guard's skip disabled this test still
+    passes. The guard's part here is the collective decision, its count and its log line.)"""
+    args = tiny(byte_data, tmp_path, "--max_iters=6", f"--zero_stage={stage}", "--dtype=bfloat16")
+    proc = run_train(["1", "4", "grad", *args], nproc=2, script="tests/workers/nan_injection.py", timeout=600)
+    check_ok(proc)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"nan_rank{rank}.json").read_text())
+        assert (report["optimizer"], report["dtype"]) == (optimizer, "torch.bfloat16")
+        bad, after = report["records"]
+        assert bad["step"] == 4 and bad["bad"], bad
+        assert bad["max_change"] == bad["weights_change"] == bad["moments_change"] == 0.0, bad
+        assert bad["adam_after"] == bad["adam_before"] and bad["finite"], bad
+        assert after["step"] == 5 and after["finite"], after
+        assert min(after["max_change"], after["weights_change"], after["moments_change"]) > 0, after
+        assert after["adam_after"] != after["adam_before"], after
+        assert report["summary"]["skipped_steps"] == 1 and report["summary"]["final_step"] == 6
+    assert "optimizer step skipped" in proc.stdout
+
+
 def test_summary_is_strict_json_with_null_for_nonfinite(byte_data, tmp_path):
     """A NaN on the last (logged) step is skipped; the run finishes and says so in valid JSON."""
     proc = run_train(["0", "3", *tiny(byte_data, tmp_path, "--max_iters=3")], nproc=1,

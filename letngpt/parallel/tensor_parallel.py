@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
+from ..distributed import all_reduce_
 from ..model import LETnGPT, ScaledVector
 
 
@@ -196,9 +197,7 @@ def _sum_grad_over_tp(param: nn.Parameter) -> None:
     group = get_tensor_model_parallel_group()
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=group)
-        return grad
+        return all_reduce_(grad.clone(), grad.device, group=group)
 
     param.register_hook(hook)
 
