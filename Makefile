@@ -40,7 +40,7 @@ system:
 
 # letngpt:cpu from Debian's packages and PyPI alone (docker/build.sh: a debootstrap base, cached
 # as an image, then docker/Dockerfile with FLAVOUR=cpu); needs a running dockerd and root. GPU
-# clusters build on NGC's image instead: DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile -t letngpt:gpu .
+# clusters build on NGC's image instead: DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile -t letngpt:latest .
 image:
 	@PYTHON=$(PYTHON) bash docker/build.sh image
 

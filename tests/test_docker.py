@@ -331,7 +331,7 @@ def test_compose_test_override(tmp_path):
     assert proc.returncode == 0, proc.stderr
     services = json.loads(proc.stdout)["services"]
     assert {name: s.get("network_mode") for name, s in services.items()} == dict.fromkeys(services, "host")
-    assert not any(s.get("ports") or s.get("build") or s.get("deploy") for s in services.values()), services
+    assert not any(s.get(k) for s in services.values() for k in ("ports", "build", "deploy", "ulimits")), services
     assert services["postgres"]["image"] == "letngpt-postgres:15"
     assert services["postgres"]["environment"]["PGPORT"] == "15432"
     assert services["mlflow"]["image"] == services["trainer"]["image"] == "letngpt:cpu"

@@ -167,12 +167,13 @@ def test_compose_stack_records_a_run_in_postgres(stack):
     run, env = stack
     up = run("up", "-d", "--no-build", "--wait", "--wait-timeout", "240", "mlflow")
     assert up.returncode == 0, up.stdout + up.stderr
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{env['MLFLOW_PORT']}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]  # a fresh store, its first query paid
     train = run("run", "--rm", "--no-deps", "trainer", "--config", "tiny_LETNGPT", "--max_iters=4",
                 "--eval_interval=4", "--eval_iters=1", "--log_interval=1", "--track_interval=1",
                 "--out_dir=/workspace/out/compose")
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-
-    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{env['MLFLOW_PORT']}")
+    assert "tracking disabled" not in train.stdout + train.stderr, train.stdout[-3000:] + train.stderr[-3000:]
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, runs
     info = runs[0].info
@@ -198,8 +199,10 @@ DIST = [*TINY, "--max_iters=400", "--checkpoint_interval=50", "--eval_interval=1
 
 
 def trainer_container(name: str, data: Path, out: Path, *command: str) -> list[str]:
-    """`docker run` of the image on the host's network (the nodes meet on loopback), data read-only."""
-    return [DOCKER, "run", "--name", name, "--network", "host", "-e", "OMP_NUM_THREADS=1",
+    """`docker run` of the image on the host's network (the nodes meet on loopback), data read-only.
+    A hostname of its own: torchrun's rendezvous names a node by hostname and pid, and on the host's
+    network both containers would have the host's name and torchrun as pid 1 (they never met)."""
+    return [DOCKER, "run", "--name", name, "--hostname", name, "--network", "host", "-e", "OMP_NUM_THREADS=1",
             "-e", "GLOO_SOCKET_IFNAME=lo", "-v", f"{data}:/data:ro", "-v", f"{out}:/out", *command]
 
 
