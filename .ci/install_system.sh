@@ -33,12 +33,10 @@ have_all() {
     [[ -x /usr/bin/docker ]] && have_postgres
 }
 
+# A dockerd that cannot start fails only the Docker tests (they try again and say why), not make test.
 start_dockerd() {
-    if [[ $(id -u) -eq 0 ]]; then
-        bash "$(dirname "$0")/start_dockerd.sh"
-    else
-        "${SUDO[@]}" bash "$(dirname "$0")/start_dockerd.sh"
-    fi
+    "${SUDO[@]}" bash "$(dirname "$0")/start_dockerd.sh" \
+        || echo "install_system: dockerd did not start; tests/test_docker_run.py will say why" >&2
 }
 
 SUDO=()
