@@ -23,7 +23,7 @@ ifneq ($(wildcard $(SHARED_TIKTOKEN)),)
 export TIKTOKEN_CACHE_DIR ?= $(SHARED_TIKTOKEN)
 endif
 
-.PHONY: train test setup system lint clean-venv
+.PHONY: train test setup system lint clean-venv image
 
 train: $(STAMP)
 	$(BIN)/python train.py $(ARGS)
@@ -37,6 +37,12 @@ setup: $(STAMP)
 # otherwise those tests skip with the reason (and fail under CI=true).
 system:
 	@bash .ci/install_system.sh
+
+# letngpt:cpu from Debian's packages and PyPI alone (docker/build.sh: a debootstrap base, cached
+# as an image, then docker/Dockerfile with FLAVOUR=cpu); needs a running dockerd and root. GPU
+# clusters build on NGC's image instead: DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile -t letngpt:latest .
+image:
+	@PYTHON=$(PYTHON) bash docker/build.sh image
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

