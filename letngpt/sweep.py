@@ -214,7 +214,9 @@ def budget_steps_to_target(budgets: Sequence[float], losses: Sequence[float | No
 
 def model_costs(cfg: ModelConfig, tokens_per_step: int) -> dict[str, float]:
     """Non-embedding parameters (all but wte, lm_head and nGPT's logit scale s_z), training FLOPs per
-    token counting every attention map (letngpt.flops) and the tokens one optimizer step consumes."""
+    token counting every attention map (letngpt.flops) and the tokens one optimizer step consumes. The
+    attention convention is recorded with them: reports computed before causal attention counted as half
+    (docs/sweeps) carry none and say so."""
     import torch
 
     from .flops import flops_per_token
@@ -225,7 +227,7 @@ def model_costs(cfg: ModelConfig, tokens_per_step: int) -> dict[str, float]:
     embedding = ("wte.", "lm_head.", "s_z.")
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(embedding))
     return {"non_embedding_params": params, "flops_per_token": flops_per_token(cfg),
-            "tokens_per_step": tokens_per_step}
+            "tokens_per_step": tokens_per_step, "attention_flops": "causal_half"}
 
 
 # --- paired statistics --------------------------------------------------------------------------------------

@@ -179,6 +179,12 @@ def plot(best: Sequence[Group], budgets: dict[str, list[Group]], costs: dict[str
     fig_f.savefig(paths["flops_png"])
 
 
+FLOPS_NOTE = ("Non-embedding params: all but the token embedding, lm_head and nGPT's logit scale. Train FLOPs: "
+              "6 x matmul weights + attention (every map counted{how}), per token (letngpt.flops); total = x "
+              "tokens.")
+# How a sweep's FLOPs were counted (sweep.model_costs records it); sweeps made before issue 22 record none.
+ATTENTION_COUNTS = {"causal_half": ", causal attention as half", None: ""}
+
 NOTES = [
     "Each preset at its best learning rate (lowest mean final val loss over the grid seeds); `lowest/highest "
     "in grid` flags a best lr at the edge of its grid (the optimum may lie beyond it).",
@@ -186,9 +192,7 @@ NOTES = [
     "first reaches it, interpolated between evals. Steps to target (budget runs): final val loss of separate "
     "runs, one full cosine schedule per budget, interpolated against log(steps); '< B' / '> B': outside the "
     "budgets run (not extrapolated). The ratio and FLOPs/time to target use the budget runs when there are any.",
-    "Non-embedding params: all but the token embedding, lm_head and nGPT's logit scale. Train FLOPs: "
-    "6 x matmul weights + attention (every map counted, causal attention as half), per token "
-    "(letngpt.flops); total = x tokens.",
+    FLOPS_NOTE,
     "Train time to target: steps to target x the mean training time per step (no evals/checkpoints). Wall "
     "time: the trainer's loop with evals and checkpoint saves, mean over seeds.",
     "Paired diff: the preset's final val loss minus the baseline's on the same seed (same batches and "
@@ -197,6 +201,13 @@ NOTES = [
     "lr margin: the runner-up lr's mean final loss minus the best's, over the grid seeds k; its seed noise: "
     "the sample std over seeds at the best lr x sqrt(2 / k), the standard error of such a difference.",
 ]
+
+
+def notes(costs: dict[str, dict]) -> str:
+    """The report's footnotes; the FLOPs one says how this sweep's costs counted attention."""
+    conventions = {c.get("attention_flops") for c in costs.values()}
+    how = ATTENTION_COUNTS.get(conventions.pop(), "") if len(conventions) == 1 else " (mixed conventions)"
+    return "\n".join(f"- {n.format(how=how) if n is FLOPS_NOTE else n}" for n in NOTES)
 
 
 def stats_words(rows: Sequence[dict]) -> str:
@@ -248,7 +259,7 @@ def write_sweep_report(groups: Sequence[Group], best: dict[str, dict], costs: di
     failures = [f"### {g.preset} lr {g.lr:g} seed {r.seed} ({g.steps} steps) failed\n\n```\n{r.error}\n```"
                 for g in groups for r in g.runs if r.error]
     body = [header.strip(), f"Baseline `{baseline}`; target = its mean final val loss = {target_text}.", table,
-            "\n".join(f"- {n}" for n in NOTES), stats_words(rows), "## Every (preset, lr, budget)", grid_md,
+            notes(costs), stats_words(rows), "## Every (preset, lr, budget)", grid_md,
             *failures]
     paths["md"].write_text("\n\n".join(b for b in body if b) + "\n")
     return {"rows": rows, "target": target, "table": table, "paths": paths, "grid": grid}

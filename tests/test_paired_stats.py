@@ -168,3 +168,14 @@ def test_sweep_report_bad_input_is_one_line_exit_2(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_flops_footnote_says_how_the_sweep_counted_attention():
+    """New sweeps count causal attention as half (letngpt.flops) and say so; the committed reports, made before,
+    record no convention and keep their full-context wording; a mix is named as such."""
+    from letngpt.sweep_report import notes
+
+    new, old = {"attention_flops": "causal_half"}, {}
+    assert "every map counted, causal attention as half)" in notes({"a": new, "b": new})
+    assert "every map counted)" in notes({"a": old})
+    assert "mixed conventions" in notes({"a": new, "b": old})
