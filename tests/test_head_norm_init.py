@@ -16,6 +16,7 @@ import torch
 
 import letngpt
 from letngpt.config import ConfigError, ModelConfig, RunConfig, load_config_file
+from letngpt.presets import get_config, list_configs
 
 
 def cfg_for(use_ngpt: bool, num_maps: int = 3, **kw) -> ModelConfig:
@@ -82,7 +83,7 @@ def test_letngpt_ignores_the_setting():
     """LET-nGPT starts at gain 1 whatever head_norm_init says: same weights, same logits."""
     idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
-    default = letngpt.build_model(cfg_for(True))
+    default = letngpt.build_model(cfg_for(True, head_norm_init="1"))
     torch.manual_seed(0)
     quiet = letngpt.build_model(cfg_for(True, head_norm_init="0.1"))
     for a, b in zip(default.state_dict().values(), quiet.state_dict().values(), strict=True):
@@ -99,6 +100,20 @@ def test_checkpoints_from_the_old_init_load_unchanged():
     new.load_state_dict(old.state_dict())
     idx = torch.randint(0, 97, (2, 32))
     assert torch.equal(logits_of(old, idx), logits_of(new, idx))
+
+
+def test_every_lettransformer_preset_takes_the_measured_rule_at_its_depth():
+    """The 1k/4k presets (24 layers) start their head norms by the same rule as the swept tiny/char ones
+    (4 layers); the LET-nGPT presets keep gain 1."""
+    measured = get_config("tiny_LETTransformer").model
+    names = [n for n in list_configs() if "LETTransformer" in n]
+    assert {"LETTransformer_1kctx_10k_lr30e-4", "LETTransformer_4kctx_10k_lr30e-4", "char_LETTransformer"} <= set(names)
+    for name in names:
+        cfg = get_config(name).model
+        assert cfg.head_norm_init == measured.head_norm_init, name
+    for name in (n for n in list_configs() if "LETNGPT" in n):
+        cfg = get_config(name).model
+        assert all(cfg.head_norm_gain(layer) == 1.0 for layer in range(cfg.n_layer)), name
 
 
 @pytest.mark.parametrize("bad", ["0", "-0.5", "nan", "inf", "loud", ""])
