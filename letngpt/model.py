@@ -69,13 +69,13 @@ class ScaledVector(nn.Module):
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension: per token, never across time."""
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, gain: float = 1.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.full((dim,), gain))
+        self.eps, self.init_gain = eps, gain
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.constant_(self.weight, self.init_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = at_least_fp32(x)
@@ -110,7 +110,7 @@ class LinearEnsembleAttention(nn.Module):
     by linearity.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         d, h, m, hd = cfg.n_embd, cfg.n_head, cfg.num_maps, cfg.head_dim
         self.num_maps, self.head_dim, self.use_ngpt, self.backend = m, hd, cfg.use_ngpt, cfg.attn_backend
@@ -131,8 +131,9 @@ class LinearEnsembleAttention(nn.Module):
             self.ensemble_logits = nn.Parameter(self._initial_logits(m))
             # The signed mix has no fixed scale; normalise it per head and per token (never over
             # time). The norm removes any overall factor on w, so w carries no scale of its own:
-            # the norm's gain is what scales the head's output.
-            self.head_norm = RMSNorm(hd)
+            # the norm's gain is what scales the head's output, and its initial value
+            # (cfg.head_norm_gain) how loud a head starts.
+            self.head_norm = RMSNorm(hd, gain=cfg.head_norm_gain(layer))
 
     @staticmethod
     def _initial_logits(m: int) -> torch.Tensor:
@@ -204,10 +205,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.use_ngpt = cfg.use_ngpt
-        self.attn = LinearEnsembleAttention(cfg)
+        self.attn = LinearEnsembleAttention(cfg, layer)
         self.mlp = SwiGLU(cfg)
         d = cfg.n_embd
         if cfg.use_ngpt:
@@ -243,7 +244,7 @@ class LETnGPT(nn.Module):
         # so the recomputation is bit-identical with no RNG state to carry (with or without TP).
         self.checkpoint_blocks = False
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untied, as in nGPT
         if cfg.use_ngpt:
             self.s_z = ScaledVector(cfg.vocab_size, init=1.0, scale=1.0 / math.sqrt(cfg.n_embd))

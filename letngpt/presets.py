@@ -15,6 +15,10 @@ decaying to 1e-4, 100 warmup, beta2 0.99, wd 0.1; nanoGPT reports val ~1.88) and
 GPU recipe (6 x 6 x 384, context 256, batch 64, 5000 iterations; val 1.47 with dropout 0.2, which
 this model does not have). nGPT variants again drop weight decay and warmup.
 
+LET-Transformer presets (every context and depth) start the ensemble head norm's gain at ModelConfig's
+default `head_norm_init` (0.1, the best gain of issue 25's sweep on both datasets; before it, gain 1 made
+ensemble heads several times louder than plain ones and cost LET-Transformer 0.38 of BPE val loss).
+
 `*_matched` LET presets keep M = 3 maps but shrink the SwiGLU hidden width so that the
 non-embedding parameter count is within 1% of nGPT's: M maps cost (2M + 2) d^2 attention weights
 per layer against nGPT's 4 d^2, and 3 d * hidden in the MLP pays for the difference.
@@ -60,14 +64,16 @@ def _matched(make: Callable[[], RunConfig], multiple: int = 8) -> RunConfig:
 # Char-level CPU recipe: each family's best rate in the sweep's grid (docs/sweeps/char_tinyshakespeare,
 # seed 1337, 2000 steps; GPT family 3e-4..1e-2, nGPT family 1e-3..3e-2, every best inside its grid).
 # nGPT's logit scale and eigen learning rates move at lr * sqrt(d), so its best rate is 3-10x GPT's.
-CHAR_LR = {"GPT": 1e-3, "nGPT": 3e-3, "LETNGPT": 1e-2, "LETNGPT_matched": 3e-3, "LETTransformer": 1e-3}
+# LET-Transformer: the best of the gain x lr grid of issue 25 (docs/sweeps/char_tinyshakespeare_head_norm).
+CHAR_LR = {"GPT": 1e-3, "nGPT": 3e-3, "LETNGPT": 1e-2, "LETNGPT_matched": 3e-3, "LETTransformer": 3e-3}
 # The GPU recipe (d = 384, 5000 steps) has not been swept: GPT's is nanoGPT's; nGPT's PROVISIONAL.
-CHAR_GPU_LR = {"GPT": 1e-3, "nGPT": 1e-2, "LETNGPT": 1e-2, "LETNGPT_matched": 1e-2, "LETTransformer": 1e-3}
+CHAR_GPU_LR = {"GPT": 1e-3, "nGPT": 1e-2, "LETNGPT": 1e-2, "LETNGPT_matched": 1e-2, "LETTransformer": 3e-3}
 
 
 # Learning rates of the tiny (GPT-2 token) presets: the best of the BPE sweep's grid
 # (docs/sweeps/bpe_tinyshakespeare: seed 1337, 200 steps; GPT family 1e-3..1e-2 (LET-Transformer
-# to 3e-2), nGPT family 6e-3..6e-2, every best inside its grid).
+# to 3e-2), nGPT family 6e-3..6e-2, every best inside its grid). LET-Transformer's is the best of
+# issue 25's gain x lr grid at its default head-norm gain (docs/sweeps/bpe_tinyshakespeare_head_norm).
 TINY_LR = {"GPT": 3e-3, "nGPT": 2e-2, "LETNGPT": 2e-2, "LETNGPT_matched": 2e-2, "LETTransformer": 1e-2}
 
 

@@ -452,16 +452,47 @@ def test_presets_use_the_sweeps_best_learning_rates(sweep: str, prefix: str, gri
                                                     min_lr_ratio: float):
     """The char_* and tiny_* presets' learning rates are the ones their committed sweep picked
     (results.csv: each preset at its best lr), and no pick sat at the edge of its grid; min_lr keeps
-    its ratio to lr (char: lr / 10, nanoGPT's; tiny: 0)."""
+    its ratio to lr (char: lr / 10, nanoGPT's; tiny: 0). LET-Transformer's row there is its old head-norm
+    init (gain 1), kept for the record: the test below checks its preset against the gain x lr grid."""
     rows = list(csv.DictReader((ROOT / "docs/sweeps" / sweep / "results.csv").open()))
     assert {r["preset"] for r in rows} == {f"{prefix}_{arch}" for arch in (
         "GPT", "nGPT", "LETNGPT", "LETNGPT_matched", "LETTransformer")}
     for r in rows:
+        if r["preset"].endswith("_LETTransformer"):
+            continue
         train = get_config(r["preset"]).train
         assert math.isclose(train.learning_rate, float(r["lr"])), (r["preset"], train.learning_rate, r["lr"])
         assert math.isclose(train.min_lr, train.learning_rate * min_lr_ratio)
         assert len(r["lr_grid"].split()) >= grid_points and not r["lr_note"], (r["preset"], r["lr_grid"],
                                                                                r["lr_note"])
+
+
+def seed_finals(runs_csv: Path, preset: str, steps: int, seed: int = 1337) -> dict[float, float]:
+    """lr -> final val loss of one seed's finished full-budget runs of `preset` in a sweep's runs.csv."""
+    return {float(r["lr"]): float(r["final_val_loss"]) for r in csv.DictReader(runs_csv.open())
+            if r["preset"] == preset and int(r["steps"]) == steps and int(r["seed"]) == seed and not r["error"]}
+
+
+@pytest.mark.parametrize("sweep, prefix, steps", [("bpe_tinyshakespeare", "tiny", 200),
+                                                  ("char_tinyshakespeare", "char", 2000)])
+def test_lettransformer_presets_use_the_head_norm_sweeps_best_point(sweep: str, prefix: str, steps: int):
+    """tiny_/char_LETTransformer take the (initial head-norm gain, lr) with the lowest seed-1337 final val
+    loss over the issue-25 grid (docs/sweeps/<sweep>_head_norm/gain<g>/runs.csv) and the original sweep's
+    gain-1 runs, and that lr lies inside the lr grid run at that gain."""
+    preset = f"{prefix}_LETTransformer"
+    points = {(1.0, lr): loss for lr, loss in seed_finals(ROOT / "docs/sweeps" / sweep / "runs.csv", preset,
+                                                          steps).items()}
+    folders = sorted((ROOT / "docs/sweeps" / f"{sweep}_head_norm").glob("gain*"))
+    assert folders, f"no head-norm gain sweep under docs/sweeps/{sweep}_head_norm"
+    for folder in folders:
+        gain = float(folder.name.removeprefix("gain"))
+        points.update({(gain, lr): loss for lr, loss in seed_finals(folder / "runs.csv", preset, steps).items()})
+    gain, lr = min(points, key=points.get)
+    run = get_config(preset)
+    assert math.isclose(float(run.model.head_norm_init), gain), (run.model.head_norm_init, gain, points)
+    assert math.isclose(run.train.learning_rate, lr), (run.train.learning_rate, lr, points)
+    lrs = sorted(lr_ for gain_, lr_ in points if gain_ == gain)
+    assert lrs[0] < lr < lrs[-1], (gain, lrs)
 
 
 def test_reuse_matches_flags_by_value_not_spelling():
