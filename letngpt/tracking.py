@@ -129,6 +129,11 @@ def _seed_sqlite(db: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _flat(exc: BaseException, limit: int) -> str:
+    """An exception's message on one line (SQLAlchemy's span several), cut at `limit` characters."""
+    return " ".join(str(exc).split())[:limit]
+
+
 @contextlib.contextmanager
 def quiet_mlflow_store():
     """MLflow's SQL store logs every database error with its full traceback (90 lines for a
@@ -257,9 +262,8 @@ class Tracker:
         return exp.experiment_id
 
     def _disable(self, what: str, exc: BaseException) -> None:
-        detail = " ".join(str(exc).split())[:300]  # one line: SQLAlchemy's messages span several
         log.warning("MLflow %s failed (%s: %s); tracking disabled for the rest of this run",
-                    what, type(exc).__name__, detail)
+                    what, type(exc).__name__, _flat(exc, 300))
         self.client = None
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> bool:
@@ -288,7 +292,7 @@ class Tracker:
             dropped = _delete_metrics_after(self.uri, self._run_id, step)
         except Exception as exc:  # tracking itself may still work: warn, keep both values, go on
             log.warning("MLflow: could not drop the values logged after step %d (%s: %s); the later value of "
-                        "each step counts", step, type(exc).__name__, " ".join(str(exc).split())[:200])
+                        "each step counts", step, type(exc).__name__, _flat(exc, 200))
             self.set_tags({"letngpt.superseded_after_step": step})
             return
         if dropped:
