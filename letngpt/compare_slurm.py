@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError
+from .fsutil import atomic_write_text
 from .report import Result
 from .sweep import NOT_RUN, Spec
 
@@ -200,6 +201,7 @@ class SlurmLauncher:
             raise SlurmError(f"sbatch refused {sub.label}: {one_line(proc.stderr or proc.stdout)}")
         job = proc.stdout.strip().split(";")[0]
         record = {"key": sub.key, "code": sub.code, "jobs": [*jobs, job], "command": shlex.join(cmd)}
-        (sub.run_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        # Whole or not at all: a torn record would read as "never submitted" and resubmit a running job.
+        atomic_write_text(sub.run_dir / RECORD, json.dumps(record, indent=2) + "\n")
         self.submitted.append(job)
         self._say(sub, "submitted", f"submitted job {job}: {sub.label} (log: {sub.run_dir / 'stdout.log'})")
