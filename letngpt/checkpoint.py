@@ -223,7 +223,7 @@ def verify(folder: Path) -> str | None:
     """Collective. None when the checkpoint verifies, else the reason (the same on every rank)."""
     rank, world = _world()
     reason = None
-    if not (folder / MANIFEST).is_file() and not is_complete(folder):
+    if not is_complete(folder):
         reason = INCOMPLETE
     elif not (folder / STATE_FILE).is_file():
         reason = f"{STATE_FILE} is missing"
