@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from bench.output import format_table, write_json
-from letngpt import model as model_lib
 from letngpt.config import ModelConfig
+from letngpt.model import model as model_lib
 
 
 def unit_with_fp32_copy(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from bench.env import sync
 from letngpt.config import ModelConfig
-from letngpt.kernels import attend, flash_attn_func
-from letngpt.model import LinearEnsembleAttention, apply_rope, rope_tables, unit
+from letngpt.model.kernels import attend, flash_attn_func
+from letngpt.model.model import LinearEnsembleAttention, apply_rope, rope_tables, unit
 
 
 class LoopEnsembleAttention(nn.Module):

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from letngpt.kernels import flash_attn_func
+from letngpt.model.kernels import flash_attn_func
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """The trainer's device rule (letngpt.distributed.resolve_device), as a CLI error."""
-    from letngpt.distributed import resolve_device as trainer_device
+    """The trainer's device rule (letngpt.parallel.distributed.resolve_device), as a CLI error."""
+    from letngpt.parallel.distributed import resolve_device as trainer_device
 
     try:
         return trainer_device(name, local_rank=0)
@@ -27,9 +27,9 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", 
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The trainer's dtype rule (letngpt.engine.resolve_dtype), with the short names bf16/fp32."""
+    """The trainer's dtype rule (letngpt.train.engine.resolve_dtype), with the short names bf16/fp32."""
     from letngpt.config import TrainConfig
-    from letngpt.engine import resolve_dtype as trainer_dtype
+    from letngpt.train.engine import resolve_dtype as trainer_dtype
 
     if name != "auto" and name not in DTYPE_NAMES:
         raise SystemExit(f"--dtype {name!r}: one of auto, {', '.join(DTYPE_NAMES)}")

@@ -38,10 +38,10 @@ from bench.gpu_probes import nonfinite_skip, sdpa_kernels  # noqa: E402 (after _
 from bench.memory import proc_status_mb  # noqa: E402 (after _START: the import time counts against the budget)
 from bench.output import fmt, format_table, write_json  # noqa: E402 (after _START: the import time counts against the budget)
 from bench.steps import StepRunner, peak_for, summarize_steps  # noqa: E402 (after _START: the import time counts against the budget)
-from letngpt.compile import compile_counts  # noqa: E402 (after _START: the import time counts against the budget)
 from letngpt.config import ModelConfig  # noqa: E402 (after _START: the import time counts against the budget)
-from letngpt.kernels import flash_attn_func  # noqa: E402 (after _START: the import time counts against the budget)
+from letngpt.model.kernels import flash_attn_func  # noqa: E402 (after _START: the import time counts against the budget)
 from letngpt.presets import get_config  # noqa: E402 (after _START: the import time counts against the budget)
+from letngpt.train.compile import compile_counts  # noqa: E402 (after _START: the import time counts against the budget)
 
 PRESETS = ("GPT_1kctx_10k_lr30e-4", "nGPT_1kctx_10k_lr30e-4", "LETNGPT_1kctx_10k_lr30e-4",
            "LETNGPT_4kctx_10k_lr30e-4")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from letngpt.config import ModelConfig
-from letngpt.kernels import attend
+from letngpt.model.kernels import attend
 
 # ATen ops behind F.scaled_dot_product_attention, one per kernel (forward; CPU's flash is *_for_cpu).
 SDPA_OPS = {"flash": "_scaled_dot_product_flash_attention", "efficient": "_scaled_dot_product_efficient_attention",

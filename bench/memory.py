@@ -14,7 +14,7 @@ import torch
 from bench.env import sync
 from bench.steps import StepRunner
 from letngpt.config import ModelConfig
-from letngpt.distributed import WORLD_ENV_VARS
+from letngpt.parallel.distributed import WORLD_ENV_VARS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -80,10 +80,10 @@ def count_ops(fn) -> dict:
 
 def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
     from letngpt.config import ModelConfig, TrainConfig
-    from letngpt.engine import build_engine
     from letngpt.model import build_model
     from letngpt.renorm.collective import collective_renormalize_
     from letngpt.renorm.naive import renormalize_engine_weights_
+    from letngpt.train.engine import build_engine
 
     cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                       n_embd=args.n_embd, n_head=args.n_head, num_maps=args.num_maps, use_ngpt=True)
@@ -142,7 +142,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    from letngpt.distributed import init_distributed
+    from letngpt.parallel.distributed import init_distributed
 
     args = parse_args(argv)
     torch.set_num_threads(1)

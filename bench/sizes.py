@@ -53,7 +53,7 @@ def get_size(name: str) -> Size:
 class Variant:
     name: str
     cfg: ModelConfig
-    compile: bool = False  # torch.compile the blocks (letngpt.compile), as --compile does in the trainer
+    compile: bool = False  # torch.compile the blocks (letngpt.train.compile), as --compile does in the trainer
     checkpointing: bool = False  # recompute each block in backward (--activation_checkpointing)
     tp: int = 1  # tensor-parallel size (bench.tp_compile runs under torchrun with world = tp)
     linears_outside_graph: bool = False  # TP linears behind torch.compiler.disable (bench.tp_compile)

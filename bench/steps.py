@@ -14,13 +14,13 @@ import torch
 from bench.env import free_memory, is_oom, sync
 from bench.sizes import Variant
 from letngpt.config import ModelConfig, RunConfig, TrainConfig
-from letngpt.distributed import init_distributed
-from letngpt.flops import flops_per_token
-from letngpt.guard import NonFiniteGuard
-from letngpt.metrics import device_peak_tflops
+from letngpt.model.flops import flops_per_token
+from letngpt.parallel.distributed import init_distributed
 from letngpt.parallel.layout import build_layout
 from letngpt.renorm import PostStepHook
-from letngpt.trainer import build_model_engine, train_step
+from letngpt.train.guard import NonFiniteGuard
+from letngpt.train.metrics import device_peak_tflops
+from letngpt.train.trainer import build_model_engine, train_step
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

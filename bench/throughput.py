@@ -8,7 +8,7 @@
 Measures, in one run: the time of the trainer's training step (bench.steps.StepRunner: forward +
 backward, DeepSpeed's optimizer step, the post-step renormalisation for nGPT variants) with its
 phases, tokens/s, the ratios to GPT and to nGPT,
-model TFLOP/s (letngpt.flops.flops_per_token, which counts every map) and MFU on GPU, the
+model TFLOP/s (letngpt.model.flops.flops_per_token, which counts every map) and MFU on GPU, the
 renormalisation's share of the step (also timed alone), peak memory per variant (one fresh
 process each), fused one-call multi-map attention vs a per-map loop (attention module,
 forward + backward), and flash-attn vs SDPA where both exist. Writes a JSON file and prints
@@ -43,7 +43,7 @@ from bench.memory import memory_in_subprocess
 from bench.output import fmt, format_table, write_json
 from bench.sizes import SIZE_NAMES, Variant, get_size, variant_configs
 from bench.steps import add_ratios, measure_variants, peak_for
-from letngpt.kernels import flash_attn_func
+from letngpt.model.kernels import flash_attn_func
 
 SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "let_n_head", "block_size", "vocab_size", "batch_size")
 
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "settings": {"steps": args.steps, "warmup": args.warmup, "interleaved": not args.sequential,
                      "grad_clip": args.grad_clip, "maps": maps, "memory_steps": args.memory_steps,
                      "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
-                     "step": "letngpt.trainer.train_step on a DeepSpeed engine, then the post-step hook "
+                     "step": "letngpt.train.trainer.train_step on a DeepSpeed engine, then the post-step hook "
                              "(renormalisation)",
                      "tokens_per_s": "batch_size*seq_len / median step time",
                      "memory": "one fresh process per variant; GPU: torch.cuda.max_memory_allocated; "
@@ -234,7 +234,8 @@ def tables(report: dict) -> str:
              f"step ms: median of {s['steps']} {'interleaved' if s['interleaved'] else 'sequential'} steps "
              f"(phases: medians); x GPT / x nGPT: step time ratio; renorm %: median post-step renormalisation "
              f"time over "
-             f"median step time; TFLOP/s: model FLOPs (letngpt.flops, all maps) per second; peak MB: {s['memory']}."]
+             f"median step time; TFLOP/s: model FLOPs (letngpt.model.flops, all maps) per second; "
+             f"peak MB: {s['memory']}."]
     twin = twin_table(report)
     if twin:
         parts.append(twin)

@@ -29,8 +29,8 @@ from bench.env import environment, resolve_dtype
 from bench.output import fmt, format_table, write_json
 from bench.sizes import SIZE_NAMES, Variant, get_size, variant_configs
 from bench.steps import measure_variants
-from letngpt.compile import compile_counts
-from letngpt.distributed import init_distributed
+from letngpt.parallel.distributed import init_distributed
+from letngpt.train.compile import compile_counts
 
 VARIANTS = {  # name: (compile, TP linears outside the graph)
     "eager": (False, False),

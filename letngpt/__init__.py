@@ -1,9 +1,9 @@
 """letngpt: distributed pretraining of LET-nGPT, nGPT and GPT on DeepSpeed."""
 
-from .config import ConfigError, ModelConfig, RunConfig, TrainConfig
-from .flops import flops_per_token
-from .model import LETnGPT, build_model, normalize_weights_
-from .presets import get_config, list_configs
+from letngpt.config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from letngpt.model import LETnGPT, build_model, normalize_weights_
+from letngpt.model.flops import flops_per_token
+from letngpt.presets import get_config, list_configs
 
 __all__ = [
     "ConfigError", "ModelConfig", "RunConfig", "TrainConfig", "LETnGPT", "build_model",

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import (
+from letngpt.config import (
     CONFIG_SUFFIXES,
     ConfigError,
     ModelConfig,
@@ -26,7 +26,7 @@ from .config import (
     field_docs,
     load_config_file,
 )
-from .presets import DEFAULT_PRESET, get_config, list_configs
+from letngpt.presets import DEFAULT_PRESET, get_config, list_configs
 
 USAGE = f"""usage: train.py [--config NAME|FILE] [--key=value ...] | --list-configs | --help
 
@@ -146,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     if command.action == "help":
         print(help_text(command.run))
         return 0
-    from .data import DataError
-    from .distributed import shutdown
-    from .errors import RunError
-    from .trainer import train
+    from letngpt.data import DataError
+    from letngpt.errors import RunError
+    from letngpt.parallel.distributed import shutdown
+    from letngpt.train.trainer import train
 
     if os.environ.get("RANK", "0") == "0":
         for note in command.notes:
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk outside a checkpoint save (metrics, summary): one line too
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        from .fsutil import free_space
+        from letngpt.fsutil import free_space
 
         out_dir = Path(command.run.train.out_dir).resolve()
         print(f"error: {e.strerror} while writing under {out_dir} ({free_space(out_dir)} free there); free space "

@@ -132,7 +132,7 @@ class TrainConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto: cuda when present, else cpu
-    compile: bool = False  # torch.compile each block inside the DeepSpeed engine (letngpt.compile)
+    compile: bool = False  # torch.compile each block inside the DeepSpeed engine (letngpt.train.compile)
     activation_checkpointing: bool = False  # recompute each block in backward: activation memory ~ one block
     tp: int = 1  # tensor-parallel size (data-parallel size = world / tp)
     renorm: str = "collective"  # collective: one all-reduce of row norms; naive: gather whole matrices

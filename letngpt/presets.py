@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from .config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from letngpt.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 
 
 def _big(ctx: int, *, use_ngpt: bool, num_maps: int, n_head: int) -> RunConfig:

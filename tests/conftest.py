@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from letngpt.distributed import WORLD_ENV_VARS
+from letngpt.parallel.distributed import WORLD_ENV_VARS
 
 # Tiny models run fastest on one thread, and a second process on the 2 cores (a worker rank,
 # another job) makes a multi-threaded pool spin: one test took 300 s instead of 10 s that way.

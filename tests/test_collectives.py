@@ -4,7 +4,7 @@ NCCL reduces GPU tensors only: a CPU tensor handed to it is an error, while gloo
 here) accepts it silently. So the tests stand a "meta" device in for the GPU: the model, its
 gradients and the engine's device are meta, a fake two-rank world records the tensor each
 collective receives, and a tensor that was moved to the CPU on the way (or cannot leave it)
-fails the test. A source audit keeps every all-reduce routed through letngpt.distributed.
+fails the test. A source audit keeps every all-reduce routed through letngpt.parallel.distributed.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from letngpt import distributed
 from letngpt.config import ModelConfig
-from letngpt.metrics import plain_grad_norm
 from letngpt.model import build_model
+from letngpt.parallel import distributed
 from letngpt.renorm import collective
+from letngpt.train.metrics import plain_grad_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 META = torch.device("meta")

@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, check_ok, subprocess_env
 
-from letngpt.compare import main as compare_main
-from letngpt.config import ConfigError
-from letngpt.presets import get_config
-from letngpt.report import Result, pick_baseline, step_ratio, steps_to_target, training_time_at
-from letngpt.sweep import (
+from letngpt.compare.curves import Result, pick_baseline, step_ratio, steps_to_target, training_time_at
+from letngpt.compare.runner import main as compare_main
+from letngpt.compare.sweep import (
     NOT_RUN,
     Group,
     Spec,
@@ -27,6 +25,8 @@ from letngpt.sweep import (
     parse_lr_grids,
     parse_seeds,
 )
+from letngpt.config import ConfigError
+from letngpt.presets import get_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMOKE_FLAGS = ["--vocab_size=256", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2",
@@ -99,8 +99,8 @@ def curve(preset: str, lr: float, losses: list[float], interval: int = 10, step_
 def test_report_files_are_readable(tmp_path):
     import matplotlib.image
 
-    from letngpt.sweep import group_results, model_costs
-    from letngpt.sweep_report import write_sweep_report
+    from letngpt.compare.report import write_sweep_report
+    from letngpt.compare.sweep import group_results, model_costs
 
     cfg = get_config("tiny_GPT").model
     specs, results = [], []
@@ -220,7 +220,7 @@ rows += [{"step": s, "kind": "train", "step_time_s": 0.5, "tokens_per_s": 100.0}
 
 def fake_compare(tmp_path: Path, monkeypatch, trainer: str) -> tuple[Path, Path]:
     """compare with `trainer` standing in for train.py; returns (data dir, report dir)."""
-    from letngpt import compare
+    from letngpt.compare import runner as compare
 
     fake = tmp_path / "fake_train.py"
     fake.write_text(trainer)
@@ -315,7 +315,7 @@ def test_sweep_grid_on_one_seed_then_best_lr_on_all_seeds_and_budgets(tmp_path, 
     assert json.loads((out / "results.json").read_text())["not_run_yet"] == ["char_GPT_lr0.003_seed1338_it16"]
 
 
-# --- sweeps: seeds, per-preset grids, budgets, parameter matching (letngpt.sweep) ------------------------------
+# --- sweeps: seeds, per-preset grids, budgets, parameter matching (letngpt.compare.sweep) ----------------------
 
 
 def seeded(preset: str, lr: float, seed: int, losses: list[float], steps: int = 30) -> Result:
@@ -410,7 +410,7 @@ def test_bad_sweep_arguments_exit_2_with_one_line(argv, message, tmp_path, capsy
 
 
 def test_grid_runs_middle_first_with_presets_interleaved():
-    from letngpt.compare import Plan, grid_order
+    from letngpt.compare.runner import Plan, grid_order
 
     plan = Plan(["a", "b"], {"a": [1e-3, 3e-3, 1e-2], "b": [1e-2, 3e-2]}, {"a", "b"}, [1], 1, [], 1, None)
     specs = sorted((Spec(p, lr, 1, 10) for p in "ab" for lr in plan.grids[p]), key=lambda s: grid_order(s, plan))
@@ -435,8 +435,8 @@ def test_budget_interpolation_on_log_steps():
     ("char_gpu_nGPT", "char_gpu_LETNGPT_matched"), ("nGPT_1kctx_10k_lr30e-4", "LETNGPT_1kctx_10k_lr30e-4_matched"),
 ])
 def test_matched_presets_have_ngpt_non_embedding_size(ngpt, matched):
+    from letngpt.compare.sweep import model_costs
     from letngpt.presets import get_config
-    from letngpt.sweep import model_costs
 
     base, let = get_config(ngpt).model, get_config(matched).model
     assert let.num_maps == 3 and let.use_ngpt and let.hidden_dim < base.hidden_dim
@@ -498,7 +498,7 @@ def test_lettransformer_presets_use_the_head_norm_sweeps_best_point(sweep: str, 
 def test_reuse_matches_flags_by_value_not_spelling():
     """A finished run is reused when its recorded flags equal the new ones by value (a min_lr spelled
     0.00030000000000000003 by one version and 0.0003 by another), and never when any flag differs."""
-    from letngpt.compare import same_flags
+    from letngpt.compare.runner import same_flags
 
     old = "--config=char_nGPT --seed=1337 --learning_rate=0.003 --min_lr=0.00030000000000000003 --data_dir=/d\n"
     assert same_flags(old, "--config=char_nGPT --seed=1337 --learning_rate=0.003 --min_lr=0.0003 --data_dir=/d\n")

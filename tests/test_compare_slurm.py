@@ -24,11 +24,11 @@ import pytest
 from conftest import ROOT, SHAKESPEARE
 from test_slurm import cluster  # noqa: F401  (the module-scoped cluster fixture)
 
-from letngpt.compare import main as compare_main
-from letngpt.compare_cost import Resources, RunCost, estimate, sbatch_resources, stages
-from letngpt.compare_slurm import RECORD, SlurmLauncher, Submission, parse_sbatch_args
+from letngpt.compare.cost import Resources, RunCost, estimate, sbatch_resources, stages
+from letngpt.compare.runner import main as compare_main
+from letngpt.compare.slurm import RECORD, SlurmLauncher, Submission, parse_sbatch_args
+from letngpt.compare.sweep import NOT_RUN, Spec
 from letngpt.config import ConfigError
-from letngpt.sweep import NOT_RUN, Spec
 
 SMALL = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2", "--device=cpu"]
 PRESETS = ["char_GPT", "char_nGPT"]

@@ -440,7 +440,7 @@ def test_tinyshakespeare_char_matches_nanogpt(tmp_path, monkeypatch):
 
 def test_sampling_decodes_chars_and_rejects_unknown_prompt_chars(tmp_path, monkeypatch, capsys):
     import letngpt
-    from letngpt import sample
+    from letngpt.tools import sample
 
     (tmp_path / "in.txt").write_text("to be or not to be\n" * 10)
     assert main(["--source", str(tmp_path / "in.txt"), "--out_dir", str(tmp_path / "c"), "--tokenizer", "char",

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, require
 
-from letngpt.distributed import free_port
+from letngpt.parallel.distributed import free_port
 
 DOCKER = ROOT / "docker"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "mlflow.Dockerfile", DOCKER / "postgres.Dockerfile"]

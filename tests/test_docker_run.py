@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY, last_step, require
 
-from letngpt.distributed import free_port
+from letngpt.parallel.distributed import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from letngpt.config import ConfigError, ModelConfig, TrainConfig
-from letngpt.engine import build_ds_config, param_groups
-from letngpt.metrics import model_stats, plain_grad_norm
 from letngpt.model import build_model
-from letngpt.schedule import lr_at
+from letngpt.train.engine import build_ds_config, param_groups
+from letngpt.train.metrics import model_stats, plain_grad_norm
+from letngpt.train.schedule import lr_at
 
 
 def test_lr_schedule_warmup_cosine_floor():

@@ -13,7 +13,7 @@ import torch
 from conftest import check_ok, run_train
 
 from letngpt.config import ConfigError, TrainConfig
-from letngpt.engine import build_ds_config
+from letngpt.train.engine import build_ds_config
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,8 @@ def clean_env(**extra: str) -> dict:
 
 
 def test_package_comes_from_the_venv_not_the_checkout(installed, tmp_path):
-    out = run([installed, "-c", "import letngpt, letngpt.engine as e; print(letngpt.__file__); print(e.DS_CONFIG_DIR)"],
+    code = "import letngpt, letngpt.train.engine as e; print(letngpt.__file__); print(e.DS_CONFIG_DIR)"
+    out = run([installed, "-c", code],
               cwd=tmp_path, env=clean_env()).stdout.split()
     venv = installed.parent.parent
     assert Path(out[0]).is_relative_to(venv) and not Path(out[0]).is_relative_to(ROOT)

@@ -8,8 +8,8 @@ import pytest
 from conftest import TINY, check_ok, read_metrics, run_train
 
 import letngpt
-from letngpt.flops import PEAK_TFLOPS, peak_tflops
-from letngpt.metrics import Throughput
+from letngpt.model.flops import PEAK_TFLOPS, peak_tflops
+from letngpt.train.metrics import Throughput
 
 # Device name as torch.cuda.get_device_name reports it -> dense bf16 peak, written from NVIDIA's
 # datasheets / whitepapers (dense figure, or half the 2:4-sparse one), not from letngpt's table.
@@ -59,7 +59,7 @@ def test_unknown_gpu_says_so_once_and_reports_no_mfu(monkeypatch, caplog):
     """An unlisted GPU gets no MFU (not one against a wrong peak) and one line saying what to pass."""
     import torch
 
-    from letngpt import metrics
+    from letngpt.train import metrics
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H800")
     monkeypatch.setattr(metrics, "_UNKNOWN_PEAKS", set())
@@ -112,7 +112,7 @@ def test_resume_drops_the_records_it_writes_again(tmp_path):
     """metrics.jsonl after a kill -9: records up to step 7 (the last line torn), last checkpoint at 5.
     Resuming at 5 keeps train/model records up to 5 and val records before 5 (val at 5 is evaluated
     again before step 6), and no torn line."""
-    from letngpt.metrics import drop_redone_records
+    from letngpt.train.metrics import drop_redone_records
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "kind": "train", "train/loss": 1.0} for s in range(1, 8)]

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY, last_step, read_metrics, run_train, start_train, wait_for_step
 
-from letngpt import checkpoint
-from letngpt.distributed import free_port
+from letngpt.parallel.distributed import free_port
+from letngpt.train import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def server_env() -> dict[str, str]:
 def seed_store(db: Path) -> None:
     """An already-migrated store from the tracker's template; without one the server builds it."""
     try:
-        from letngpt.tracking import _seed_sqlite
+        from letngpt.train.tracking import _seed_sqlite
     except ImportError:
         return
     _seed_sqlite(db)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import letngpt
 from letngpt.config import ModelConfig
-from letngpt.model import LinearEnsembleAttention, apply_rope, rope_tables, unit
+from letngpt.model.model import LinearEnsembleAttention, apply_rope, rope_tables, unit
 
 VARIANTS = {  # name -> (use_ngpt, num_maps)
     "GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3), "LETNGPT_maps5": (True, 5),
@@ -60,7 +60,7 @@ def test_rope_is_a_rotation():
 
 def first_layer_scores(model: torch.nn.Module, idx: torch.Tensor, monkeypatch) -> torch.Tensor:
     """Pre-softmax scores scale * q_i . k_j of the first attention call, [B, heads*maps, T, T]."""
-    import letngpt.model as model_module
+    import letngpt.model.model as model_module
 
     calls = []
     real_attend = model_module.attend
@@ -265,7 +265,7 @@ def test_ensemble_weights_start_signed_and_alternating():
 def test_ensemble_mix_has_no_inert_scale(use_ngpt):
     """The head norm removes any overall factor on w, so w = tanh(r) and nothing else may learn
     a scale there; what model_stats logs is exactly tanh(r_m) per layer."""
-    from letngpt.metrics import model_stats
+    from letngpt.train.metrics import model_stats
 
     torch.manual_seed(0)
     model = letngpt.build_model(small_cfg(use_ngpt, 3))
@@ -376,8 +376,8 @@ def test_head_dim_with_three_maps_and_eight_heads():
 def test_attention_choice_says_which_kernel_and_why(monkeypatch):
     """Rank 0's first line (issue 22): flash-attn where it can run, else SDPA and every reason it cannot;
     attn_backend=flash where it cannot run is a one-line ConfigError at start."""
-    from letngpt import kernels
     from letngpt.config import ConfigError
+    from letngpt.model import kernels
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(kernels, "flash_attn_version", lambda: None)

@@ -1,4 +1,4 @@
-"""The sweep report's paired statistics (letngpt.sweep): per-seed differences against the baseline, their
+"""The sweep report's paired statistics (letngpt.compare.sweep): per-seed differences against the baseline, their
 95% t-interval, the learning-rate pick's margin against the seed noise, and the committed reports that
 carry them. Every reference value is worked out by hand from the formulas in the test."""
 
@@ -13,8 +13,8 @@ import statistics
 import pytest
 from conftest import ROOT
 
-from letngpt.report import Result
-from letngpt.sweep import Group, lr_margin, paired_difference, paired_words, t_quantile
+from letngpt.compare.curves import Result
+from letngpt.compare.sweep import Group, lr_margin, paired_difference, paired_words, t_quantile
 
 
 def run(preset: str, lr: float, seed: int, final: float, steps: int = 30) -> Result:
@@ -107,7 +107,7 @@ def test_lr_margin_over_two_grid_seeds():
 def test_committed_reports_carry_the_paired_statistics(sweep, tmp_path):
     """docs/sweeps' reports are what the report code writes from their own results.json today, and
     their paired columns agree with a hand computation from runs.csv (final val, best lr, full budget)."""
-    from letngpt.sweep_report import rebuild
+    from letngpt.compare.report import rebuild
 
     committed = ROOT / "docs/sweeps" / sweep
     shutil.copytree(committed, tmp_path / sweep)
@@ -144,8 +144,8 @@ def test_committed_reports_carry_the_paired_statistics(sweep, tmp_path):
 
 
 def test_paired_against_another_preset_at_every_budget(capsys):
-    """`python -m letngpt.sweep_report FOLDER --against nGPT`: LET-nGPT minus nGPT per seed, at each budget."""
-    from letngpt.sweep_report import main
+    """`python -m letngpt.compare.report FOLDER --against nGPT`: LET-nGPT minus nGPT per seed, at each budget."""
+    from letngpt.compare.report import main
 
     main([str(ROOT / "docs/sweeps/char_tinyshakespeare"), "--against", "nGPT"])
     lines = capsys.readouterr().out.splitlines()
@@ -162,7 +162,7 @@ CHAR_SWEEP = str(ROOT / "docs/sweeps/char_tinyshakespeare")
 @pytest.mark.parametrize("argv, message", [([CHAR_SWEEP, "--against", "no_such"], "no such preset"),
                                            (["/nonexistent", "--against", "nGPT"], "no results.json")])
 def test_sweep_report_bad_input_is_one_line_exit_2(argv, message, capsys):
-    from letngpt.sweep_report import main
+    from letngpt.compare.report import main
 
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -171,9 +171,9 @@ def test_sweep_report_bad_input_is_one_line_exit_2(argv, message, capsys):
 
 
 def test_the_flops_footnote_says_how_the_sweep_counted_attention():
-    """New sweeps count causal attention as half (letngpt.flops) and say so; the committed reports, made before,
+    """New sweeps count causal attention as half (letngpt.model.flops) and say so; the committed reports, made before,
     record no convention and keep their full-context wording; a mix is named as such."""
-    from letngpt.sweep_report import notes
+    from letngpt.compare.report import notes
 
     new, old = {"attention_flops": "causal_half"}, {}
     assert "every map counted, causal attention as half)" in notes({"a": new, "b": new})

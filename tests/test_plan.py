@@ -1,4 +1,4 @@
-"""The capacity planner (letngpt.plan) against what DeepSpeed really allocates and sends on CPU ranks,
+"""The capacity planner (letngpt.tools.plan) against what DeepSpeed really allocates and sends on CPU ranks,
 against autograd's own count of saved activations, and its command line's errors."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 from conftest import run_train
 
 from letngpt.config import ModelConfig, RunConfig, TrainConfig
-from letngpt.plan import (
+from letngpt.presets import get_config
+from letngpt.tools.plan import (
     PERSISTENCE_THRESHOLD,
     Cluster,
     activation_bytes_per_token,
@@ -20,7 +21,6 @@ from letngpt.plan import (
     model_states,
     saved_bytes,
 )
-from letngpt.presets import get_config
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_bad_combinations_exit_2_with_one_line(capsys, argv, message):
 def test_checkpointing_and_zero3_shrink_the_estimate():
     run = get_config("LETNGPT_4kctx_10k_lr30e-4")
     base = Cluster(nodes=4, gpus_per_node=8, tp=2, zero_stage=1)
-    from letngpt.plan import plan
+    from letngpt.tools.plan import plan
 
     plain, ckpt = plan(run, base), plan(run, dataclasses.replace(base, activation_checkpointing=True))
     assert ckpt["activations"]["total"] < plain["activations"]["total"] / 5
@@ -155,10 +155,10 @@ def test_mfu_from_the_gpu_check_summary(tmp_path, capsys):
 
 
 def test_planner_counts_causal_attention_as_half():
-    """The planner's FLOPs are letngpt.flops' (causal attention counted as half, as FlashAttention and
+    """The planner's FLOPs are letngpt.model.flops' (causal attention counted as half, as FlashAttention and
     Megatron-LM count it), written here from the formula: 6 FLOPs per matmul weight and token, plus
     3 x (q.k and p.v) x 2 FLOPs per multiply-add x t/2 keys x d x M maps per layer."""
-    from letngpt.plan import plan
+    from letngpt.tools.plan import plan
 
     run = get_config("LETNGPT_4kctx_10k_lr30e-4")
     m, t = run.model, run.train

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, check_ok, read_metrics, run_train, start_train, subprocess_env, tiny, wait_for_step
 
-from letngpt import checkpoint
 from letngpt.errors import LockError
-from letngpt.runlock import LOCK_FILE, OutDirLock, stale_reason
+from letngpt.train import checkpoint
+from letngpt.train.runlock import LOCK_FILE, OutDirLock, stale_reason
 
 pytestmark = pytest.mark.slow
 
@@ -250,7 +250,7 @@ def test_ctrl_c_checkpoints_and_exits_zero(byte_data, tmp_path):
 
 
 def test_second_ctrl_c_aborts_at_once():
-    from letngpt.trainer import StopFlag
+    from letngpt.train.trainer import StopFlag
 
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     try:
@@ -390,7 +390,7 @@ def test_relaunching_a_finished_run_changes_nothing(byte_data, good_run, tmp_pat
 
 
 def test_sampling_takes_the_newest_checkpoint_that_verifies(byte_data, good_run, tmp_path, capsys):
-    from letngpt import sample
+    from letngpt.tools import sample
 
     out = copy_run(good_run, tmp_path / "run")
     newest = checkpoint.checkpoint_dir(out) / "step_00000020"
@@ -398,7 +398,7 @@ def test_sampling_takes_the_newest_checkpoint_that_verifies(byte_data, good_run,
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
     victim.write_bytes(bytes(data))
-    proc = subprocess.run([sys.executable, "-m", "letngpt.sample", "--ckpt", str(out), "--max_new_tokens", "3",
+    proc = subprocess.run([sys.executable, "-m", "letngpt.tools.sample", "--ckpt", str(out), "--max_new_tokens", "3",
                            "--print_token_count"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
     check_ok(proc)
@@ -422,8 +422,8 @@ def test_unfinished_saves_with_nothing_older_are_set_aside(byte_data, tmp_path):
     import torch
 
     from letngpt.cli import parse
-    from letngpt.distributed import DistInfo
-    from letngpt.trainer import plan_resume
+    from letngpt.parallel.distributed import DistInfo
+    from letngpt.train.trainer import plan_resume
 
     root = checkpoint.checkpoint_dir(tmp_path)
     (root / "step_00000005").mkdir(parents=True)
@@ -496,7 +496,7 @@ def test_a_reused_pid_is_known_for_a_stale_lock(tmp_path):
 def test_a_full_disk_leaves_no_lock_behind(tmp_path, monkeypatch):
     import errno
 
-    from letngpt import runlock
+    from letngpt.train import runlock
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -515,13 +515,13 @@ def test_a_full_disk_anywhere_else_is_one_line_too(tmp_path, monkeypatch, capsys
     """metrics.jsonl or summary.json hitting a full disk: the same one line (out_dir, free space)."""
     import errno
 
-    import letngpt.trainer
+    import letngpt.train.trainer
     from letngpt.cli import main
 
     def full(run):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
 
-    monkeypatch.setattr(letngpt.trainer, "train", full)
+    monkeypatch.setattr(letngpt.train.trainer, "train", full)
     assert main(["--config", "tiny_LETNGPT", f"--out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: No space left on device while writing under {tmp_path}")

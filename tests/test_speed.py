@@ -15,8 +15,8 @@ import torch
 from conftest import TINY, run_train, subprocess_env
 
 from letngpt.config import ConfigError, ModelConfig, TrainConfig
-from letngpt.engine import check_compile
 from letngpt.model import build_model
+from letngpt.train.engine import check_compile
 
 # fp32, 5 steps from identical weights and batches: compiled kernels reorder float sums (~1e-7
 # relative); the bound is 1e-5 on the losses. Observed: <= 2e-6.

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from letngpt import tracking
-from letngpt.distributed import free_port
-from letngpt.tracking import Tracker, flatten, git_commit
+from letngpt.parallel.distributed import free_port
+from letngpt.train import tracking
+from letngpt.train.tracking import Tracker, flatten, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"config": {"model": {"n_layer": 2, "n_embd": 64}, "lr": 3e-3}, "ds": {"zero": {"stage": 2}}}
@@ -45,7 +45,8 @@ def client_for(out_dir: Path):
 
 
 def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "letngpt.tracking" and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records
+            if r.name == "letngpt.train.tracking" and r.levelno >= logging.WARNING]
 
 
 def test_local_store_round_trip(tmp_path):
@@ -122,7 +123,7 @@ def test_disabled_tracker_does_nothing(tmp_path):
 
 
 def test_disabled_tracker_never_imports_mlflow(tmp_path):
-    code = ("import sys; from letngpt.tracking import Tracker; t = Tracker('out', enabled=False); "
+    code = ("import sys; from letngpt.train.tracking import Tracker; t = Tracker('out', enabled=False); "
             "t.start(params={'a': 1}); t.log_metrics({'x': 1.0}, 1); t.end(); "
             "assert 'mlflow' not in sys.modules, 'mlflow imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -315,6 +316,6 @@ def test_a_read_only_store_costs_one_warning_line(tmp_path, caplog, capfd):
         tracker.end("FAILED")
     captured = capfd.readouterr()
     assert "Traceback" not in captured.out + captured.err + caplog.text
-    assert [r.name for r in caplog.records if r.levelno >= logging.WARNING] == ["letngpt.tracking"]
+    assert [r.name for r in caplog.records if r.levelno >= logging.WARNING] == ["letngpt.train.tracking"]
     (line,) = warnings_of(caplog)
     assert "readonly database" in line and "\n" not in line

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, check_ok, read_metrics, run_train, start_train, subprocess_env, tiny, wait_for_step
 
-from letngpt import checkpoint
-from letngpt.distributed import free_port
+from letngpt.parallel.distributed import free_port
+from letngpt.train import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_incomplete_checkpoint_is_ignored(byte_data, reference_run, tmp_path):
 def test_sample_from_checkpoint(reference_run):
     import torch
 
-    from letngpt.sample import generate, load_model
+    from letngpt.tools.sample import generate, load_model
 
     model, state = load_model(reference_run)
     assert state["step"] == 15
@@ -151,7 +151,7 @@ def test_sample_cli_with_gpt2_tokens_from_zero3_checkpoint(shakespeare_gpt2, tmp
             "--batch_size=2", "--gradient_accumulation_steps=2", "--max_iters=2", "--eval_iters=1",
             f"--data_dir={shakespeare_gpt2}", f"--out_dir={tmp_path}", "--zero_stage=3"]
     check_ok(run_train(args, nproc=2))
-    proc = subprocess.run([sys.executable, "-m", "letngpt.sample", "--ckpt", str(tmp_path), "--prompt", "ROMEO:",
+    proc = subprocess.run([sys.executable, "-m", "letngpt.tools.sample", "--ckpt", str(tmp_path), "--prompt", "ROMEO:",
                            "--max_new_tokens", "9", "--print_token_count"],
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     check_ok(proc)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import DataError
+from letngpt.data import DataError
 
 TOKEN_DTYPE = np.uint16
 SPLIT_IDS = {"train": 0, "val": 1}

@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..fsutil import atomic_write_text, fsync_path
-from . import DataError
-from .tokenizer import REPO_ROOT, CharTokenizer, get_encoding
+from letngpt.data import DataError
+from letngpt.data.tokenizer import REPO_ROOT, CharTokenizer, get_encoding
+from letngpt.fsutil import atomic_write_text, fsync_path
 
 log = logging.getLogger("letngpt.data")
 

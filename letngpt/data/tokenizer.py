@@ -21,7 +21,7 @@ from pathlib import Path
 
 import tiktoken
 
-from . import DataError
+from letngpt.data import DataError
 
 log = logging.getLogger("letngpt.data")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import DataError
-from .loader import TOKEN_DTYPE, check_vocab, read_meta, token_count
+from letngpt.data import DataError
+from letngpt.data.loader import TOKEN_DTYPE, check_vocab, read_meta, token_count
 
 log = logging.getLogger("letngpt")
 CHUNK_TOKENS = 1 << 24

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, RunConfig
+from letngpt.config import ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ParallelLayout:
 
 def check_layout(run: RunConfig, world: int) -> None:
     """Every rule a layout must satisfy, as one-line ConfigErrors (no process group needed)."""
-    from .tensor_parallel import check_tp_layout
+    from letngpt.parallel.tensor_parallel import check_tp_layout
 
     t = run.train
     if world % t.tp:
@@ -49,7 +49,7 @@ def build_layout(run: RunConfig, world: int, rank: int) -> ParallelLayout:
     tp = run.train.tp
     if tp == 1:
         return ParallelLayout(world=world, rank=rank, tp=1, tp_rank=0, dp_size=world, dp_rank=rank, mpu=None)
-    from .tensor_parallel import MegatronMPU, initialize_tp
+    from letngpt.parallel.tensor_parallel import MegatronMPU, initialize_tp
 
     initialize_tp(tp)
     mpu = MegatronMPU()

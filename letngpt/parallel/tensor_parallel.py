@@ -27,9 +27,9 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, ModelConfig
-from ..distributed import all_reduce_
-from ..model import LETnGPT, ScaledVector
+from letngpt.config import ConfigError, ModelConfig
+from letngpt.model import LETnGPT, ScaledVector
+from letngpt.parallel.distributed import all_reduce_
 
 
 def initialize_tp(tp: int) -> None:

@@ -10,6 +10,8 @@ once, when the hook is built:
 - `naive` (naive.py): gathers each full fp32 master, normalises, scatters back. The reference
   the tests compare the collective method against; it cannot reach the masters at ZeRO 0 in
   bf16/fp16, so that combination is refused.
+
+May import letngpt's config, model (the unit-norm rule) and parallel (the all-reduce); never train.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import ConfigError, RunConfig
-from .collective import collective_renormalize_
-from .naive import renormalize_engine_weights_
+from letngpt.config import ConfigError, RunConfig
+from letngpt.renorm.collective import collective_renormalize_
+from letngpt.renorm.naive import renormalize_engine_weights_
 
 __all__ = ["PostStepHook", "collective_renormalize_", "renormalize_engine_weights_"]
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..distributed import all_reduce_
+from letngpt.parallel.distributed import all_reduce_
 
 EPS = 1e-12  # the clamp letngpt.model.unit applies to a norm
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..model import at_least_fp32, normalize_weights_, unit
+from letngpt.model import at_least_fp32, normalize_weights_, unit
 
 
 def _zero3_params_context(params: list[nn.Parameter]):

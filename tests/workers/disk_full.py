@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from letngpt.checkpoint import tag_for
 from letngpt.cli import main
+from letngpt.train.checkpoint import tag_for
 
 _real_save = torch.save
 

@@ -1,7 +1,7 @@
 """One CPU process: the gradient DeepSpeed accumulates over 32 bf16 micro batches, per ZeRO stage,
 against the same stage's own bf16 micro gradients summed in fp64.
 
-For each stage, an engine from the shipped recipe (letngpt/ds_configs/zero{stage}.json) with bf16
+For each stage, an engine from the shipped recipe (letngpt/train/ds_configs/zero{stage}.json) with bf16
 weights and ONE micro batch per step gives each micro batch's gradient (read before an lr = 0 step,
 so the weights never move); /32 is exact, and their fp64 sum is the reference. A second engine with
 32 micro batches per step accumulates the same batches; its full gradient is read at the boundary
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from letngpt.config import ModelConfig, TrainConfig
-from letngpt.distributed import init_distributed, shutdown
-from letngpt.engine import build_engine, set_lr
 from letngpt.model import build_model
+from letngpt.parallel.distributed import init_distributed, shutdown
+from letngpt.train.engine import build_engine, set_lr
 
 MODEL = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, num_maps=3, use_ngpt=True)
 ACCUM, MICRO = 32, 2

@@ -8,7 +8,7 @@ import signal
 import sys
 
 from letngpt.cli import parse
-from letngpt.trainer import train
+from letngpt.train.trainer import train
 
 
 def main() -> None:

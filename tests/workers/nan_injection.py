@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from letngpt.cli import parse
-from letngpt.distributed import shutdown
 from letngpt.model import LETnGPT
-from letngpt.trainer import train
+from letngpt.parallel.distributed import shutdown
+from letngpt.train.trainer import train
 
 
 def masters(engine) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Under torchrun with 2 ranks: what DeepSpeed really allocates and sends, for letngpt.plan to be
+"""Under torchrun with 2 ranks: what DeepSpeed really allocates and sends, for letngpt.tools.plan to be
 checked against. For ZeRO 1, 2, 3 (fp32, CPU, data parallel over both ranks): the bytes of this
 rank's parameters (ZeRO 3: its partition), of the optimizer's fp32 master partition and of Adam's
 moments after one step; the payload of the collectives of one step (forward + backward +
@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from letngpt.config import ModelConfig, TrainConfig
-from letngpt.distributed import init_distributed, shutdown
-from letngpt.engine import build_engine
 from letngpt.model import build_model
 from letngpt.parallel.comm_counter import CommCounter
+from letngpt.parallel.distributed import init_distributed, shutdown
 from letngpt.renorm.collective import collective_renormalize_
+from letngpt.train.engine import build_engine
 
 # n_embd 256: some matrices exceed ZeRO 3's persistence threshold (1e5 elements), some do not.
 CFG = dict(vocab_size=512, block_size=32, n_layer=2, n_head=4, n_embd=256, num_maps=3, use_ngpt=True)

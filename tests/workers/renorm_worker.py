@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 
 from letngpt.config import ModelConfig, TrainConfig
-from letngpt.distributed import init_distributed, shutdown
-from letngpt.engine import DS_CONFIG_DIR, build_engine, resolve_dtype
 from letngpt.model import build_model, unit
 from letngpt.parallel.comm_counter import CommCounter
+from letngpt.parallel.distributed import init_distributed, shutdown
 from letngpt.renorm.collective import collective_renormalize_, full_fp32_masters
 from letngpt.renorm.naive import renormalize_engine_weights_
+from letngpt.train.engine import DS_CONFIG_DIR, build_engine, resolve_dtype
 
 # 3 layers, 131 tokens, n_embd 32: ZeRO 1/2 partitions at DP=4 cut normalised rows mid-row (and a
 # dim-0 matrix mid-memory-row), ZeRO 3 cuts wte's rows mid-row at DP=2 (131 * 32 / 2 = 65.5 rows).

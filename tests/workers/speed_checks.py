@@ -1,5 +1,5 @@
 """Under torchrun with 2 ranks: --compile and --activation_checkpointing against the eager, stored
-run, through letngpt.engine.build_engine (the trainer's path), from identical weights and batches.
+run, through letngpt.train.engine.build_engine (the trainer's path), from identical weights and batches.
 
 1. compile: GPT, nGPT and LET-nGPT M=3 at ZeRO 0 and 1 (data parallel over the 2 ranks), LET-nGPT also
    at ZeRO 2, 3 and at TP=2 ZeRO 1, 5 steps each, eager then compiled: losses, and after every step the
@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from letngpt.compile import blocks_compiled, compile_counts
 from letngpt.config import ModelConfig, TrainConfig
-from letngpt.distributed import init_distributed, shutdown
-from letngpt.engine import build_engine
 from letngpt.model import build_model
+from letngpt.parallel.distributed import init_distributed, shutdown
 from letngpt.renorm.collective import collective_renormalize_
+from letngpt.train.compile import blocks_compiled, compile_counts
+from letngpt.train.engine import build_engine
 
 VARIANTS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3)}
 BATCH, CTX, VOCAB = 4, 32, 256

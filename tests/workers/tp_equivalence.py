@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from letngpt.config import ModelConfig
-from letngpt.distributed import init_distributed, shutdown
 from letngpt.model import build_model
+from letngpt.parallel.distributed import init_distributed, shutdown
 from letngpt.parallel.tensor_parallel import gather_tp_param, initialize_tp, parallelize_tp
 
 VARIANTS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3), "LETNGPT_maps5": (True, 5),

@@ -8,10 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-import letngpt.trainer as trainer
+import letngpt.train.trainer as trainer
 from letngpt.cli import parse
-from letngpt.distributed import shutdown
-from letngpt.metrics import StepTimer
+from letngpt.parallel.distributed import shutdown
+from letngpt.train.metrics import StepTimer
 
 SCRIPTED: list[float] = []
 

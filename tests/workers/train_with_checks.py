@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 from letngpt.cli import parse
-from letngpt.distributed import shutdown
-from letngpt.trainer import train
+from letngpt.parallel.distributed import shutdown
+from letngpt.train.trainer import train
 
 
 def gathered(engine, p: torch.nn.Parameter) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("letngpt.tracking")
+log = logging.getLogger("letngpt.train.tracking")
 
 # MLflow's defaults (7 retries with exponential backoff, 120 s timeout, honour Retry-After) can stall a
 # call for minutes. setdefault: whoever launches the job may still choose otherwise.

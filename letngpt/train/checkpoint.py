@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
-from .errors import CheckpointError
-from .fsutil import atomic_write_text, free_space
+from letngpt.config import ConfigError
+from letngpt.errors import CheckpointError
+from letngpt.fsutil import atomic_write_text, free_space
 
 log = logging.getLogger("letngpt")
 MARKER = "latest_complete"

@@ -1,6 +1,6 @@
 """Generate text from a checkpoint.
 
-    python -m letngpt.sample --ckpt out/tiny_LETNGPT --prompt "ROMEO:" --max_new_tokens 100
+    python -m letngpt.tools.sample --ckpt out/tiny_LETNGPT --prompt "ROMEO:" --max_new_tokens 100
 
 `--ckpt` is a run's out_dir (its newest checkpoint that verifies against its manifest is used)
 or a checkpoint folder (which must verify).
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .config import RunConfig
-from .data import DataError
-from .errors import CheckpointError
-from .model import LETnGPT, build_model
+from letngpt.config import RunConfig
+from letngpt.data import DataError
+from letngpt.errors import CheckpointError
+from letngpt.model import LETnGPT, build_model
+from letngpt.train import checkpoint
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
@@ -86,7 +86,7 @@ def generate(model: LETnGPT, idx: torch.Tensor, max_new_tokens: int, temperature
 def get_tokenizer(name: str, data_dir: str | None):
     """`auto`: the dataset's meta.json decides (a char dataset carries its vocabulary, BPE ones name their
     tiktoken encoding); gpt2 when there is no readable meta.json. `char` needs the meta.json."""
-    from .data.tokenizer import CharTokenizer, get_encoding
+    from letngpt.data.tokenizer import CharTokenizer, get_encoding
 
     meta_path = Path(data_dir) / "meta.json" if data_dir else None
     meta = json.loads(meta_path.read_text()) if meta_path and meta_path.is_file() else None

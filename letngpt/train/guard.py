@@ -22,8 +22,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from .distributed import all_reduce_max
-from .errors import DivergedError
+from letngpt.errors import DivergedError
+from letngpt.parallel.distributed import all_reduce_max
 
 log = logging.getLogger("letngpt")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from .config import ModelConfig
+from letngpt.config import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig) -> int:

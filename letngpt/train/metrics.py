@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .distributed import all_reduce_
-from .flops import flops_per_token, peak_tflops
+from letngpt.config import ModelConfig
+from letngpt.model.flops import flops_per_token, peak_tflops
+from letngpt.parallel.distributed import all_reduce_
 
 log = logging.getLogger("letngpt")
 
@@ -105,7 +105,7 @@ def device_peak_tflops(device: torch.device, override: float = 0.0) -> float | N
 
 def mfu(cfg: ModelConfig, tokens_per_s: float, world_size: int, device: torch.device,
         peak_override: float = 0.0) -> float | None:
-    """Model FLOPs utilisation (causal attention counted as half: letngpt.flops), or None where the
+    """Model FLOPs utilisation (causal attention counted as half: letngpt.model.flops), or None where the
     peak is unknown (CPU or an unlisted GPU without --peak_tflops)."""
     peak = device_peak_tflops(device, peak_override)
     if not peak:
@@ -166,7 +166,7 @@ class MetricsWriter:
         self._file = open(path, "a") if path is not None else None
 
     def write(self, kind: str, step: int, metrics: dict[str, float | None], line: str | None = None) -> None:
-        from .guard import finite_or_none
+        from letngpt.train.guard import finite_or_none
 
         if line is not None:
             log.info(line)
@@ -200,7 +200,7 @@ def drop_redone_records(path: str | Path, resume_step: int) -> int:
     """Rewrite a metrics.jsonl (atomically) without the records a launch resuming at `resume_step`
     writes again, and without a torn last line, so every (kind, step) has one record. Returns how
     many records were dropped."""
-    from .fsutil import atomic_write_text
+    from letngpt.fsutil import atomic_write_text
 
     path = Path(path)
     if not path.exists():

@@ -1,6 +1,6 @@
 """Capacity planner: memory per GPU, communication and time per step before burning an allocation.
 
-    python -m letngpt.plan --config LETNGPT_4kctx_10k_lr30e-4 --nodes 4 --gpus_per_node 8 --tp 2 \\
+    python -m letngpt.tools.plan --config LETNGPT_4kctx_10k_lr30e-4 --nodes 4 --gpus_per_node 8 --tp 2 \\
         --zero_stage 1 [--gpu H100-80GB] [--activation_checkpointing] [--mfu 0.4]
 
 Where each figure comes from (all printed beside the result):
@@ -12,7 +12,7 @@ Where each figure comes from (all printed beside the result):
   with autograd's saved-tensor hooks counting what backward keeps, per token, per block and for the
   embedding/head/loss; then scaled to the micro batch. Under TP, what the attention / MLP keep is
   divided by tp except their (replicated) inputs; the sphere steps and norms are replicated.
-- FLOPs: letngpt.flops (PaLM convention, causal attention counted as half; +1 forward per step with
+- FLOPs: letngpt.model.flops (PaLM convention, causal attention counted as half; +1 forward per step with
   activation checkpointing).
 - communication: payloads of the TP all-reduces (megatron: 2 per block forward, 5 backward, embedding
   and head), ZeRO's collectives and the renormalisation's one all-reduce; wire bytes per GPU use ring
@@ -26,11 +26,11 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from .config import ConfigError, ModelConfig, RunConfig
-from .flops import PEAK_TFLOPS, flops_per_token
+from letngpt.config import ConfigError, ModelConfig, RunConfig
+from letngpt.model.flops import PEAK_TFLOPS, flops_per_token
 
 GiB = 1024**3
-# name -> (memory GiB, key into letngpt.flops.PEAK_TFLOPS: dense bf16)
+# name -> (memory GiB, key into letngpt.model.flops.PEAK_TFLOPS: dense bf16)
 GPUS = {"H100-80GB": (80, "H100"), "H200-141GB": (141, "H200"), "A100-80GB": (80, "A100"),
         "A100-40GB": (40, "A100"), "B200-192GB": (192, "B200"), "L40S-48GB": (48, "L40S")}
 REPLICATED = ("attn_alpha.weight", "mlp_alpha.weight", "attn_norm.weight", "mlp_norm.weight",
@@ -66,7 +66,7 @@ class Cluster:
 
 def check(run: RunConfig, c: Cluster) -> None:
     """Every combination that cannot run, in one line."""
-    from .parallel.tensor_parallel import check_tp_layout
+    from letngpt.parallel.tensor_parallel import check_tp_layout
 
     if c.gpu not in GPUS:
         raise PlanError(f"unknown --gpu {c.gpu!r}; one of {', '.join(GPUS)}")
@@ -90,7 +90,7 @@ def local_params(cfg: ModelConfig, tp: int) -> int:
     (letngpt.parallel.tensor_parallel's layout)."""
     import torch
 
-    from .model import build_model
+    from letngpt.model import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)
@@ -113,7 +113,7 @@ def model_states(params: int, largest: int, dp: int, stage: int, weight_bytes: i
            "optimizer": 12 * params // o,
            "gathered": 2 * weight_bytes * largest if stage == 3 else 0}
     out["total"] = out["sum_of_parts"] = sum(out.values())
-    out["source"] = "letngpt.plan (DeepSpeed has no estimator for ZeRO 0/1)"
+    out["source"] = "letngpt.tools.plan (DeepSpeed has no estimator for ZeRO 0/1)"
     if weight_bytes == 2 and stage == 2:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -146,7 +146,7 @@ def saved_bytes(cfg: ModelConfig, tokens: int = 32) -> dict:
     replicates. Counted once per storage; parameters excluded."""
     import torch
 
-    from .model import build_model
+    from letngpt.model import build_model
 
     torch.manual_seed(0)
     model = build_model(cfg).to(torch.bfloat16)
@@ -216,7 +216,7 @@ def renorm_rows(cfg: ModelConfig, tp: int) -> int:
     every nGPT matrix on this TP rank (the embedding axis is never split, the other one is)."""
     import torch
 
-    from .model import build_model
+    from letngpt.model import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)
@@ -279,7 +279,7 @@ def plan(run: RunConfig, c: Cluster) -> dict:
     """Every figure of the plan as a dict (the CLI prints it; tests and the README table read it)."""
     import torch
 
-    from .model import build_model
+    from letngpt.model import build_model
 
     check(run, c)
     m, t = run.model, run.train
@@ -335,7 +335,7 @@ def format_plan(p: dict) -> str:
         f"  needed / capacity   {_gb(p['memory_needed'])} / {_gb(p['memory_capacity'])}: "
         f"{'fits' if p['fits'] else 'DOES NOT FIT'}",
         "per optimizer step:",
-        f"  FLOPs               {p['flops_per_step']:.3e}   [letngpt.flops, {p['tokens_per_step']:,} tokens"
+        f"  FLOPs               {p['flops_per_step']:.3e}   [letngpt.model.flops, {p['tokens_per_step']:,} tokens"
         f"{', +1 forward (recompute)' if c['activation_checkpointing'] else ''}]",
     ]
     for key, name in (("tp", "TP all-reduces"), ("zero", "ZeRO collectives"), ("renorm", "renorm all-reduce")):
@@ -361,7 +361,7 @@ def table(gpu: str = "H100-80GB", zero_stage: int = 1) -> str:
     """README's table: the LET-nGPT 1k and 4k presets on 1, 4 and 16 nodes of 8 GPUs at TP 1 and 2."""
     import dataclasses
 
-    from .presets import get_config
+    from letngpt.presets import get_config
 
     head = "| preset | nodes x GPUs | TP x DP | model states GiB | activations GiB | fits 80 GiB | step s | " \
            "tokens/s | h to 10k |"
@@ -402,9 +402,9 @@ def measured_mfu(summary_path: str, preset: str) -> float:
 
 
 def parse_args(argv: list[str]) -> tuple[RunConfig, Cluster]:
-    from .presets import get_config
+    from letngpt.presets import get_config
 
-    ap = argparse.ArgumentParser(prog="python -m letngpt.plan", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m letngpt.tools.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="a preset (python train.py --list-configs)")
     for name, default in (("nodes", 1), ("gpus_per_node", 8), ("tp", 1), ("zero_stage", 1)):
         ap.add_argument(f"--{name}", type=int, default=default)

@@ -25,18 +25,28 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .compile import compile_notice
-from .config import ConfigError, RunConfig
-from .data.loader import TokenData, eval_batches, get_batch
-from .data.verify import check_token_ids
-from .distributed import DistInfo, all_reduce_max, all_reduce_mean, all_reduce_sum, init_distributed, on_rank0
-from .engine import build_engine, per_rank_accumulation, resolve_dtype, set_lr
-from .errors import DivergedError
-from .fsutil import atomic_write_text
-from .guard import NonFiniteGuard, finite_or_none, skip_optimizer_step, weights_finite
-from .kernels import attention_choice
-from .metrics import (
+from letngpt.config import ConfigError, RunConfig
+from letngpt.data.loader import TokenData, eval_batches, get_batch
+from letngpt.data.verify import check_token_ids
+from letngpt.errors import DivergedError
+from letngpt.fsutil import atomic_write_text
+from letngpt.model import build_model
+from letngpt.model.kernels import attention_choice
+from letngpt.parallel.distributed import (
+    DistInfo,
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    init_distributed,
+    on_rank0,
+)
+from letngpt.parallel.layout import ParallelLayout, build_layout
+from letngpt.renorm import PostStepHook
+from letngpt.train import checkpoint
+from letngpt.train.compile import compile_notice
+from letngpt.train.engine import build_engine, per_rank_accumulation, resolve_dtype, set_lr
+from letngpt.train.guard import NonFiniteGuard, finite_or_none, skip_optimizer_step, weights_finite
+from letngpt.train.metrics import (
     MetricsWriter,
     StepTimer,
     Throughput,
@@ -46,12 +56,9 @@ from .metrics import (
     model_stats,
     plain_grad_norm,
 )
-from .model import build_model
-from .parallel.layout import ParallelLayout, build_layout
-from .renorm import PostStepHook
-from .runlock import OutDirLock
-from .schedule import lr_at
-from .tracking import Tracker, git_commit, slurm_ids
+from letngpt.train.runlock import OutDirLock
+from letngpt.train.schedule import lr_at
+from letngpt.train.tracking import Tracker, git_commit, slurm_ids
 
 log = logging.getLogger("letngpt")
 # Fields that may change between a checkpoint and the run resuming it without changing the weights' shapes.
@@ -101,7 +108,7 @@ def prepare_data(run: RunConfig, info: DistInfo) -> tuple[TokenData, TokenData]:
 
     def check() -> None:
         if not (Path(data_dir) / "meta.json").exists():
-            from .data.prepare import ensure_builtin  # data/tinyshakespeare (gpt2) and data/tinyshakespeare_char
+            from letngpt.data.prepare import ensure_builtin  # data/tinyshakespeare (gpt2) and data/tinyshakespeare_char
 
             if ensure_builtin(data_dir):
                 log.info("prepared Tiny Shakespeare in %s", data_dir)
@@ -209,7 +216,7 @@ def build_model_engine(run: RunConfig, info: DistInfo, layout: ParallelLayout, r
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(run.model)  # the full model on every rank: TP shards are cut from it
     if t.tp > 1:
-        from .parallel.tensor_parallel import parallelize_tp
+        from letngpt.parallel.tensor_parallel import parallelize_tp
 
         model = parallelize_tp(model, t.tp)
     model = model.to(info.device)

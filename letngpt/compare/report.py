@@ -1,4 +1,4 @@
-"""The files of a sweep (letngpt.sweep): the table per preset at its best learning rate, the lr grid and
+"""The files of a sweep (letngpt.compare.sweep): the table per preset at its best learning rate, the lr grid and
 budget tables, every run, and two plots (loss against steps and time; loss against training FLOPs).
 
 Definitions (also printed under the table):
@@ -6,11 +6,11 @@ Definitions (also printed under the table):
 - steps to target (one schedule): where the mean curve of the full-budget runs first reaches the target,
   linearly interpolated between evals (the old reading, kept for comparison);
 - steps to target (budget runs): final loss of SEPARATE runs at each budget, interpolated against
-  log(steps) (letngpt.sweep.budget_steps_to_target); "< B"/"> B" when the target lies outside the budgets;
+  log(steps) (letngpt.compare.sweep.budget_steps_to_target); "< B"/"> B" when the target lies outside the budgets;
 - paired differences: each preset's final val loss minus the baseline's on the same seed, with a 95%
-  t-interval (letngpt.sweep.paired_difference).
+  t-interval (letngpt.compare.sweep.paired_difference).
 
-`python -m letngpt.sweep_report FOLDER` rewrites a finished sweep's files from its results.json alone (no run
+`python -m letngpt.compare.report FOLDER` rewrites a finished sweep's files from its results.json alone (no run
 folders needed); `--against nGPT` prints every preset's paired differences against another preset instead.
 """
 
@@ -22,8 +22,8 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from .report import step_ratio, steps_to_target
-from .sweep import Group, budget_steps_to_target, lr_margin, paired_difference, paired_words
+from letngpt.compare.curves import step_ratio, steps_to_target
+from letngpt.compare.sweep import Group, budget_steps_to_target, lr_margin, paired_difference, paired_words
 
 COLUMNS = ["preset", "lr", "lr_grid", "lr_note", "seeds", "final_val_mean", "final_val_std",
            "non_embedding_params", "flops_per_token", "total_flops", "steps_to_target_curve",
@@ -180,7 +180,7 @@ def plot(best: Sequence[Group], budgets: dict[str, list[Group]], costs: dict[str
 
 
 FLOPS_NOTE = ("Non-embedding params: all but the token embedding, lm_head and nGPT's logit scale. Train FLOPs: "
-              "6 x matmul weights + attention (every map counted{how}), per token (letngpt.flops); total = x "
+              "6 x matmul weights + attention (every map counted{how}), per token (letngpt.model.flops); total = x "
               "tokens.")
 # How a sweep's FLOPs were counted (sweep.model_costs records it); sweeps made before issue 22 record none.
 ATTENTION_COUNTS = {"causal_half": ", causal attention as half", None: ""}
@@ -269,8 +269,8 @@ def load_sweep(folder: Path) -> tuple[dict, list[Group]]:
     """A finished sweep's results.json and its runs grouped by (preset, lr, steps), in the order it ran them."""
     import json
 
-    from .report import Result
-    from .sweep import Spec, group_results
+    from letngpt.compare.curves import Result
+    from letngpt.compare.sweep import Spec, group_results
 
     details = json.loads((folder / "results.json").read_text())
     runs = [Result(**r) for r in details["runs"]]
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m letngpt.sweep_report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m letngpt.compare.report", description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="sweep report folders holding results.json")
     p.add_argument("--against", default=None, metavar="PRESET",
                    help="print paired differences against PRESET at every budget instead of rewriting the files")

@@ -26,12 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
-from .fsutil import atomic_write_text
-from .report import Result
-from .sweep import NOT_RUN, Spec
+from letngpt.compare.curves import Result
+from letngpt.compare.sweep import NOT_RUN, Spec
+from letngpt.config import ConfigError
+from letngpt.fsutil import atomic_write_text
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "slurm" / "launch.sh"
 RECORD = "slurm.json"
 # Job states after which a job never runs again (squeue -t all); any other state counts as queued/running.
@@ -101,7 +101,7 @@ def read_record(run_dir: Path) -> dict | None:
 
 
 class SlurmLauncher:
-    """Submits and tracks the runs of a sweep; `run(subs)` is one pass (letngpt.compare.sweep polls)."""
+    """Submits and tracks the runs of a sweep; `run(subs)` is one pass (letngpt.compare.runner.sweep polls)."""
 
     def __init__(self, submission: Callable[[Spec], Submission], options: dict[str, list[str]], env: dict[str, str],
                  *, max_retries: int, wait: bool, poll_s: float, finished: Callable[[Submission], Result | None],

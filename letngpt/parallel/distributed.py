@@ -128,9 +128,9 @@ def on_rank0(fn: Callable[[], T], *, is_main: bool) -> T:
     """Run `fn` on rank 0 only (file-system checks, locks) and hand every rank its result. A
     user-facing error it raises (ConfigError, DataError, RunError) is raised on every rank, so
     a bad out_dir or dataset ends the whole job with one line instead of hanging the others."""
-    from .config import ConfigError
-    from .data import DataError
-    from .errors import RunError
+    from letngpt.config import ConfigError
+    from letngpt.data import DataError
+    from letngpt.errors import RunError
 
     result, error = None, None
     if is_main:

@@ -1,5 +1,5 @@
-"""The arithmetic of one convergence curve, kept free of training and MLflow (letngpt.sweep aggregates
-runs, letngpt.sweep_report writes the files).
+"""The arithmetic of one convergence curve, kept free of training and MLflow (letngpt.compare.sweep aggregates
+runs, letngpt.compare.report writes the files).
 
 Everything here is a pure function of validation curves, so the numbers a report claims (steps to reach
 the baseline's loss, the ratio to the baseline) can be unit-tested on synthetic curves.
@@ -28,7 +28,7 @@ class Result:
     wall_time_s: float | None = None
     run_id: str | None = None
     error: str | None = None
-    seed: int | None = None  # set by sweeps (letngpt.sweep), which run every lr on several seeds
+    seed: int | None = None  # set by sweeps (letngpt.compare.sweep), which run every lr on several seeds
     budget: int | None = None  # the run's step budget (max_iters), set by sweeps
 
     @property

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, TrainConfig
+from letngpt.config import ConfigError, TrainConfig
 
 # The default ZeRO recipes ship inside the package (a wheel has no repository around it);
 # the top-level ds_configs/ is a link to this folder, so there is one copy to edit.
@@ -57,7 +57,7 @@ def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype, load_u
     cfg["bf16"] = {"enabled": dtype == torch.bfloat16}
     cfg["fp16"] = {"enabled": dtype == torch.float16, "initial_scale_power": 16}
     cfg.pop("optimizer", None)  # we pass our own torch AdamW (no C++ op to compile)
-    cfg.pop("scheduler", None)  # the schedule is ours: letngpt.schedule.lr_at
+    cfg.pop("scheduler", None)  # the schedule is ours: letngpt.train.schedule.lr_at
     if load_universal:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
     _check_accumulation_dtype(cfg, dtype, accum)
@@ -112,12 +112,12 @@ def check_compile(train: TrainConfig, device: torch.device) -> None:
 
 
 def compile_engine(engine, train: TrainConfig) -> None:
-    """--compile=true: the module inside the DeepSpeed engine gets its blocks compiled (letngpt.compile:
+    """--compile=true: the module inside the DeepSpeed engine gets its blocks compiled (letngpt.train.compile:
     regional compilation, one graph for all blocks), so DeepSpeed's forward / backward / step wrappers,
     ZeRO's hooks and the renormalisation stay eager around it. Works at ZeRO 0-3 and with megatron's TP
     layers, whose autograd Functions dynamo traces with their collectives (tests/test_speed.py)."""
     if train.compile:
-        from .compile import compile_blocks
+        from letngpt.train.compile import compile_blocks
 
         compile_blocks(engine.module)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .config import TrainConfig
+from letngpt.config import TrainConfig
 
 
 def lr_at(step: int, train: TrainConfig) -> float:

@@ -7,7 +7,7 @@
 
 A sweep: every (preset, learning rate) of the grid trains on the first --grid_seeds seeds at the full
 budget; each preset's best lr (lowest mean final val loss) then trains on every seed, and at each of
---budgets steps as a separate run with its own full cosine schedule (letngpt.sweep has the rules). Each
+--budgets steps as a separate run with its own full cosine schedule (letngpt.compare.sweep has the rules). Each
 run is its own `train.py` process (torchrun when --nproc > 1; --jobs at a time, each with --threads torch
 threads) in OUT/runs/<preset>_lr<lr>_seed<seed>_it<steps>, logged as an MLflow child run under one parent
 run. A finished run whose flags match is reused, so rerunning an interrupted command finishes it.
@@ -18,9 +18,9 @@ band against steps, time and budget), val_loss_flops.png and results.json; the t
 A failed run is reported and the others still run; the exit code is 1 if any failed, 2 for a bad
 command line.
 
-On a SLURM cluster (`--launcher slurm`, letngpt.compare_slurm) every run is one `sbatch slurm/launch.sh`
-job with --sbatch_args; the plan (runs per stage, GPU-hours and wall time from letngpt.plan's model,
-letngpt.compare_cost) is printed first, and --dry_run prints it with the sbatch command lines and submits
+On a SLURM cluster (`--launcher slurm`, letngpt.compare.slurm) every run is one `sbatch slurm/launch.sh`
+job with --sbatch_args; the plan (runs per stage, GPU-hours and wall time from letngpt.tools.plan's model,
+letngpt.compare.cost) is printed first, and --dry_run prints it with the sbatch command lines and submits
 nothing. Stages span invocations: the command submits what it can and exits (run it again later: it
 collects the finished runs, resubmits failed ones up to --max_retries and submits the next stage), or
 with --wait polls until the sweep is done. All runs log under one MLflow parent run (OUT/parent_run.json).
@@ -46,20 +46,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .cli import parse, split_args
-from .compare_cost import estimate, run_cost, sbatch_resources, stages
-from .compare_slurm import SlurmLauncher, Submission, parse_sbatch_args, read_record, require_slurm
-from .config import ConfigError, RunConfig, canonical_key
-from .data import DataError
-from .metrics import read_records
-from .plan import GPUS
-from .presets import get_config
-from .report import Result, pick_baseline, training_time_at
-from .sweep import NOT_RUN, Spec, choose_best, group_results, model_costs, parse_budgets, parse_lr_grids, parse_seeds
-from .sweep_report import write_sweep_report
-from .tracking import Tracker, git_commit
+from letngpt.cli import parse, split_args
+from letngpt.compare.cost import estimate, run_cost, sbatch_resources, stages
+from letngpt.compare.curves import Result, pick_baseline, training_time_at
+from letngpt.compare.report import write_sweep_report
+from letngpt.compare.slurm import SlurmLauncher, Submission, parse_sbatch_args, read_record, require_slurm
+from letngpt.compare.sweep import (
+    NOT_RUN,
+    Spec,
+    choose_best,
+    group_results,
+    model_costs,
+    parse_budgets,
+    parse_lr_grids,
+    parse_seeds,
+)
+from letngpt.config import ConfigError, RunConfig, canonical_key
+from letngpt.data import DataError
+from letngpt.presets import get_config
+from letngpt.tools.plan import GPUS
+from letngpt.train.metrics import read_records
+from letngpt.train.tracking import Tracker, git_commit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_PY = ROOT / "train.py"
 EXPERIMENT = "letngpt-compare"
 DEFAULT_DATA = "data/tinyshakespeare"
@@ -388,7 +397,7 @@ def prepare(ns: argparse.Namespace) -> Path:
     """The data folder; the built-in Tiny Shakespeare folders are prepared when missing."""
     data_dir = Path(ns.data_dir)
     if not (data_dir / "meta.json").exists():
-        from .data.prepare import ensure_builtin
+        from letngpt.data.prepare import ensure_builtin
 
         print(f"preparing {data_dir}", flush=True)
         if not ensure_builtin(ns.data_dir):
@@ -500,7 +509,7 @@ def finished_run(sub: Submission, uri: str) -> Result | None:
 
 def make_launcher(plan: Plan, ns: argparse.Namespace, extras: list[str], data_dir: Path, out: Path, uri: str,
                   parent_id: str | None) -> Launcher:
-    """The local launcher (today's subprocesses) or the SLURM one (letngpt.compare_slurm), same runs either way."""
+    """The local launcher (today's subprocesses) or the SLURM one (letngpt.compare.slurm), same runs either way."""
     if ns.launcher == "local":
         return LocalLauncher(lambda spec: run_variant(spec, plan, ns, extras, data_dir, out, uri, parent_id), ns.jobs)
 
@@ -521,7 +530,7 @@ def make_launcher(plan: Plan, ns: argparse.Namespace, extras: list[str], data_di
 
 
 def cost_plan(plan: Plan, ns: argparse.Namespace) -> str:
-    """Runs per stage, GPU-hours and wall time (letngpt.compare_cost); a layout that cannot run is a PlanError."""
+    """Runs per stage, GPU-hours and wall time (letngpt.compare.cost); a layout that cannot run is a PlanError."""
     costs = {p: run_cost(p, plan.configs[p], sbatch_resources(plan.sbatch.get(p, []), ns.nproc or
                                                              (None if ns.launcher == "slurm" else 1)), ns.gpu, ns.mfu)
              for p in plan.presets}
@@ -627,7 +636,7 @@ def conclude(tracker: Tracker, report: dict, done: list[Result], waiting: int) -
 
 def finish(plan: Plan, ns: argparse.Namespace, out: Path, swept: tuple[list[Spec], list[Result], dict],
            header: str, data_name: str, ids: dict) -> tuple[dict, list[Result]]:
-    """Group the finished runs, write the report files (letngpt.sweep_report) and results.json; returns the
+    """Group the finished runs, write the report files (letngpt.compare.report) and results.json; returns the
     report and the finished runs (--report_only leaves the others out, listed as not run yet)."""
     specs, results, best = swept
     done = [(s, r) for s, r in zip(specs, results, strict=True) if r.error != NOT_RUN]

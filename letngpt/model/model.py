@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
-from .kernels import attend
+from letngpt.config import ModelConfig
+from letngpt.model.kernels import attend
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +239,7 @@ class LETnGPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        # Activation checkpointing (a training choice, set by letngpt.engine): keep only each block's
+        # Activation checkpointing (a training choice, set by letngpt.train.engine): keep only each block's
         # input and recompute the block in backward. The model has no dropout or other randomness,
         # so the recomputation is bit-identical with no RNG state to carry (with or without TP).
         self.checkpoint_blocks = False

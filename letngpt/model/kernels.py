@@ -75,7 +75,7 @@ def attention_choice(backend: str, device: torch.device, dtype: torch.dtype, com
                                        f"the dtype is {str(dtype).removeprefix('torch.')}, not bf16/fp16"))
                  if bad]
     if backend == "flash" and obstacles:
-        from .config import ConfigError
+        from letngpt.config import ConfigError
 
         raise ConfigError(f"attn_backend=flash cannot run: {'; '.join(obstacles)}; use attn_backend=auto or sdpa")
     if backend != "sdpa" and not obstacles:

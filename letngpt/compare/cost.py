@@ -1,7 +1,7 @@
 """What a sweep costs, printed before anything is submitted: runs per stage, and the GPU-hours and wall time
 of each run and of the whole sweep at the nodes and GPUs each run gets.
 
-The figures are letngpt.plan's model (step time = the step's FLOPs at the GPU's peak x MFU, plus the TP, ZeRO
+The figures are letngpt.tools.plan's model (step time = the step's FLOPs at the GPU's peak x MFU, plus the TP, ZeRO
 and renormalisation communication, not overlapped), times the steps of each run; evaluation, checkpoints,
 start-up and queueing are not in them. The nodes and GPUs per node are read from the run's sbatch options
 (`-N/--nodes`, `--gpus-per-node`, `--gres=gpu:N`, `-G/--gpus`), or from --nproc.
@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .config import RunConfig
-from .plan import Cluster, PlanError, plan
+from letngpt.config import RunConfig
+from letngpt.tools.plan import Cluster, PlanError, plan
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def sbatch_resources(args: list[str], nproc: int | None) -> Resources:
 
 @dataclass
 class RunCost:
-    """One preset at its resources: seconds per optimizer step and GPUs, by letngpt.plan."""
+    """One preset at its resources: seconds per optimizer step and GPUs, by letngpt.tools.plan."""
 
     preset: str
     res: Resources
@@ -77,7 +77,7 @@ class RunCost:
 
 
 def run_cost(preset: str, run: RunConfig, res: Resources, gpu: str, mfu: float) -> RunCost:
-    """letngpt.plan's step time for `run` on `res`; a PlanError (a layout that cannot run) propagates."""
+    """letngpt.tools.plan's step time for `run` on `res`; a PlanError (a layout that cannot run) propagates."""
     if not res.per_node:
         return RunCost(preset, res, None, "GPUs per node unknown: give --sbatch_args='--gpus-per-node=N' or --nproc")
     t = run.train
@@ -109,7 +109,7 @@ def estimate(costs: dict[str, RunCost], staged: list[tuple[str, list[tuple[str, 
              mfu: float) -> tuple[str, dict]:
     """The printed plan and its figures: per preset a full run's hours and GPU-hours, per stage its runs,
     GPU-hours and longest run, for the sweep its GPU-hours and wall time run one at a time or a stage at once."""
-    lines = [f"plan (ESTIMATES, letngpt.plan's model: {gpu} at MFU {mfu:.0%}, compute + communication, no evals, "
+    lines = [f"plan (ESTIMATES, letngpt.tools.plan's model: {gpu} at MFU {mfu:.0%}, compute + communication, no evals, "
              "checkpoints, start-up or queueing):"]
     for c in costs.values():
         where = f"{c.res.nodes} node(s) x {c.res.per_node or '?'} GPUs"

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ConfigError, ModelConfig
-from .report import Result
+from letngpt.compare.curves import Result
+from letngpt.config import ConfigError, ModelConfig
 
 DEFAULT_SEED = 1337  # TrainConfig's: seed count N means 1337, 1338, ...
 NOT_RUN = "not run yet"  # the error of a planned run that has no finished folder (compare --report_only)
@@ -214,13 +214,13 @@ def budget_steps_to_target(budgets: Sequence[float], losses: Sequence[float | No
 
 def model_costs(cfg: ModelConfig, tokens_per_step: int) -> dict[str, float]:
     """Non-embedding parameters (all but wte, lm_head and nGPT's logit scale s_z), training FLOPs per
-    token counting every attention map (letngpt.flops) and the tokens one optimizer step consumes. The
+    token counting every attention map (letngpt.model.flops) and the tokens one optimizer step consumes. The
     attention convention is recorded with them: reports computed before causal attention counted as half
     (docs/sweeps) carry none and say so."""
     import torch
 
-    from .flops import flops_per_token
-    from .model import build_model
+    from letngpt.model import build_model
+    from letngpt.model.flops import flops_per_token
 
     with torch.device("meta"):  # shapes only: the 1k presets would otherwise allocate 400M weights
         model = build_model(cfg)

@@ -21,8 +21,8 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import LockError
-from .fsutil import free_space
+from letngpt.errors import LockError
+from letngpt.fsutil import free_space
 
 log = logging.getLogger("letngpt")
 LOCK_FILE = "run.lock"
