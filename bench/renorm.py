@@ -79,8 +79,9 @@ def count_ops(fn) -> dict:
 
 
 def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
-    from letngpt.config import ModelConfig, TrainConfig
+    from letngpt.config import ModelConfig, RunConfig, TrainConfig
     from letngpt.model import build_model
+    from letngpt.parallel.layout import build_layout
     from letngpt.renorm.collective import collective_renormalize_
     from letngpt.renorm.naive import renormalize_engine_weights_
     from letngpt.train.engine import build_engine
@@ -90,7 +91,8 @@ def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
     train = TrainConfig(zero_stage=stage, batch_size=args.batch_size, gradient_accumulation_steps=dp_size,
                         learning_rate=1e-3, dtype=args.dtype, device="cpu")
     torch.manual_seed(0)
-    engine, _, _ = build_engine(build_model(cfg), train, dp_size, getattr(torch, args.dtype))
+    layout = build_layout(RunConfig(model=cfg, train=train), dp_size, dist.get_rank())
+    engine, _, _ = build_engine(build_model(cfg), train, layout, getattr(torch, args.dtype))
     naive = stage > 0 or args.dtype == "float32"  # it cannot reach DeepSpeed's bf16 masters at ZeRO 0
     gen = torch.Generator().manual_seed(dist.get_rank())
 
@@ -109,13 +111,13 @@ def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
     nbytes = {}
     for i in range(args.warmup + args.steps):
         t_step, _ = _timed(step)
-        t_coll, nbytes["collective"] = _timed(lambda: counted(collective_renormalize_))
+        t_coll, nbytes["collective"] = _timed(lambda: counted(lambda e: collective_renormalize_(e, layout.dp_group)))
         t_naive, nbytes["naive"] = _timed(lambda: counted(renormalize_engine_weights_)) if naive else (float("nan"), 0)
         if i >= args.warmup:
             for key, t in (("step", t_step), ("collective", t_coll), ("naive", t_naive)):
                 rows[key].append(t)
     dist.barrier()
-    ops = count_ops(lambda: collective_renormalize_(engine))
+    ops = count_ops(lambda: collective_renormalize_(engine, layout.dp_group))
     dist.barrier()
     med = {k: statistics.median(v) for k, v in rows.items()}
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())

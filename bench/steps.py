@@ -17,7 +17,7 @@ from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.model.flops import flops_per_token
 from letngpt.parallel.distributed import init_distributed
 from letngpt.parallel.layout import build_layout
-from letngpt.renorm import PostStepHook
+from letngpt.renorm import Renormalizer
 from letngpt.train.guard import NonFiniteGuard
 from letngpt.train.metrics import device_peak_tflops
 from letngpt.train.trainer import build_model_engine, train_step
@@ -28,9 +28,9 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 class StepRunner:
     """The trainer's own step on one fixed random batch: the model and DeepSpeed engine built by
     `trainer.build_model_engine` (a world of one, ZeRO and dtype as a one-process training run
-    has them), the non-finite guard, `trainer.train_step` and the post-step hook (renormalisation).
+    has them), the non-finite guard and `trainer.train_step`, whose last stage is the renormalisation.
     `step()` runs and times one step by phase: forward+backward, optimizer (DeepSpeed's step,
-    found by wrapping `engine.step`), renormalisation."""
+    found by wrapping `engine.step`), renormalisation (found by wrapping the renormaliser)."""
 
     def __init__(self, name: str, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
                  *, seed: int = 0, lr: float = 1e-4, grad_clip: float = 0.0, compile: bool = False,
@@ -49,7 +49,7 @@ class StepRunner:
         if linears_outside_graph:
             megatron_forward_outside_graph_(self.model)
         self.guard = NonFiniteGuard(self.model, device, max_consecutive=train.max_nonfinite_steps)
-        self.post_step = PostStepHook(run, dtype)
+        self.renorm = Renormalizer(run, dtype, layout.dp_group)
         self.optimizer_impl = "fused AdamW" if self.opt.defaults.get("fused") else "AdamW (foreach)"
         self.optimizer_impl += f", DeepSpeed ZeRO {self.engine.zero_optimization_stage()}"
         gen = torch.Generator().manual_seed(seed)
@@ -69,19 +69,24 @@ class StepRunner:
             return engine_step(*args, **kwargs)
 
         self.engine.step = timed_engine_step
+        self._optimizer_done = 0.0
+
+    def timed_renorm(self, engine) -> None:
+        """The renormalisation stage of train_step, its start marked (the optimizer / renorm boundary)."""
+        sync(self.device)
+        self._optimizer_done = time.perf_counter()
+        self.renorm(engine)
 
     def step(self) -> dict[str, float]:
         sync(self.device)
         t0 = time.perf_counter()
-        loss, _, applied = train_step(self.engine, self.opt, self.guard, lambda micro: (self.x, self.y), 1,
-                                      step=self.steps_done + 1, logging_step=False)
+        loss, _, applied = train_step(self.engine, self.opt, self.guard, self.timed_renorm,
+                                      lambda micro: (self.x, self.y), 1, step=self.steps_done + 1, logging_step=False)
         sync(self.device)
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
         self.steps_done += 1
-        self.last_applied = applied  # False: the non-finite guard skipped the step
-        self.post_step(self.engine, self.steps_done, applied)
-        sync(self.device)
-        t3 = time.perf_counter() if self.cfg.use_ngpt else t2  # GPT has no renormalisation: 0, not noise
+        self.last_applied = applied  # False: the non-finite guard skipped the step (and the renormalisation)
+        t2 = self._optimizer_done if applied and self.cfg.use_ngpt else t3  # GPT has no renormalisation: 0
         self._loss = loss
         t1 = self._backward_done
         return {"fwdbwd": t1 - t0, "optim": t2 - t1, "renorm": t3 - t2, "total": t3 - t0}
@@ -90,15 +95,15 @@ class StepRunner:
         return float("nan") if self._loss is None else float(self._loss)
 
     def time_renorm(self, reps: int = 10) -> float | None:
-        """Seconds per renormalisation of the engine (the post-step hook's method), back to back
+        """Seconds per renormalisation of the engine (train_step's last stage), back to back
         (None for GPT: nothing to do)."""
         if not self.cfg.use_ngpt:
             return None
-        self.post_step.renormalize(self.engine)
+        self.renorm(self.engine)
         sync(self.device)
         t0 = time.perf_counter()
         for _ in range(reps):
-            self.post_step.renormalize(self.engine)
+            self.renorm(self.engine)
         sync(self.device)
         return (time.perf_counter() - t0) / reps
 

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from letngpt.config import ModelConfig, TrainConfig
+from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.model import build_model
 from letngpt.parallel.distributed import init_distributed, shutdown
+from letngpt.parallel.layout import build_layout
 from letngpt.train.engine import build_engine, set_lr
 
 MODEL = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, num_maps=3, use_ngpt=True)
@@ -39,7 +40,8 @@ def batches() -> list[torch.Tensor]:
 def engine_for(model: torch.nn.Module, stage: int, accum: int):
     train = TrainConfig(zero_stage=stage, batch_size=MICRO, gradient_accumulation_steps=accum, device="cpu",
                         dtype="bfloat16")
-    return build_engine(model, train, 1, torch.bfloat16)
+    layout = build_layout(RunConfig(model=model.config, train=train), world=1, rank=0)
+    return build_engine(model, train, layout, torch.bfloat16)
 
 
 def full_grads(engine) -> dict[str, torch.Tensor]:

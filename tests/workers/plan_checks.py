@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from letngpt.config import ModelConfig, TrainConfig
+from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.model import build_model
 from letngpt.parallel.comm_counter import CommCounter
 from letngpt.parallel.distributed import init_distributed, shutdown
+from letngpt.parallel.layout import build_layout
 from letngpt.renorm.collective import collective_renormalize_
 from letngpt.train.engine import build_engine
 
@@ -42,7 +43,8 @@ def measure(stage: int) -> dict:
     torch.manual_seed(0)
     train = TrainConfig(zero_stage=stage, batch_size=2, gradient_accumulation_steps=ACCUM, learning_rate=1e-3,
                         dtype="float32", device="cpu")
-    engine, _, _ = build_engine(build_model(ModelConfig(**CFG)), train, dist.get_world_size(), torch.float32)
+    layout = build_layout(RunConfig(model=ModelConfig(**CFG), train=train), dist.get_world_size(), dist.get_rank())
+    engine, _, _ = build_engine(build_model(ModelConfig(**CFG)), train, layout, torch.float32)
     x = torch.randint(CFG["vocab_size"], (2, CFG["block_size"] + 1), generator=torch.Generator().manual_seed(0))
     for _ in range(2):  # count the second optimizer step: ZeRO 3 settles its persistent parameters in the first
         with CommCounter() as step_comm:
@@ -51,7 +53,7 @@ def measure(stage: int) -> dict:
                 engine.backward(loss)
                 engine.step()
         with CommCounter() as renorm_comm:
-            collective_renormalize_(engine)
+            collective_renormalize_(engine, layout.dp_group)
     params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
     opt = engine.optimizer
     moments = [v for state in opt.optimizer.state.values() for k, v in state.items() if k.startswith("exp_avg")]
@@ -66,7 +68,8 @@ def measure_bf16_stage1() -> dict:
     torch.manual_seed(0)
     train = TrainConfig(zero_stage=1, batch_size=2, gradient_accumulation_steps=ACCUM, learning_rate=1e-3,
                         dtype="bfloat16", device="cpu")
-    engine, _, _ = build_engine(build_model(ModelConfig(**CFG)), train, dist.get_world_size(), torch.bfloat16)
+    layout = build_layout(RunConfig(model=ModelConfig(**CFG), train=train), dist.get_world_size(), dist.get_rank())
+    engine, _, _ = build_engine(build_model(ModelConfig(**CFG)), train, layout, torch.bfloat16)
     x = torch.randint(CFG["vocab_size"], (2, CFG["block_size"] + 1), generator=torch.Generator().manual_seed(0))
     for _ in range(ACCUM // dist.get_world_size()):
         _, loss = engine(x[:, :-1], x[:, 1:])

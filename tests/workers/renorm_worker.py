@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from letngpt.config import ModelConfig, TrainConfig
+from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.model import build_model, unit
 from letngpt.parallel.comm_counter import CommCounter
 from letngpt.parallel.distributed import init_distributed, shutdown
+from letngpt.parallel.layout import build_layout
 from letngpt.renorm.collective import collective_renormalize_, full_fp32_masters
 from letngpt.renorm.naive import renormalize_engine_weights_
 from letngpt.train.engine import DS_CONFIG_DIR, build_engine, resolve_dtype
@@ -94,13 +95,13 @@ def partition_cuts(engine, params: dict, dims: dict) -> list[dict]:
     return out
 
 
-def axis_check_fires(engine, params: dict) -> dict:
+def axis_check_fires(engine, params: dict, dp_group) -> dict:
     """The n_embd / TP assumption must raise before any communication."""
     fired = {}
     module = engine.module
     module.unit_norm_axes = lambda: {"blocks.0.mlp.fc_u.weight": 0}  # fc_u is (4 n_embd, n_embd)
     try:
-        collective_renormalize_(engine)
+        collective_renormalize_(engine, dp_group)
         fired["wrong_axis"] = False
     except ValueError:
         fired["wrong_axis"] = True
@@ -109,7 +110,7 @@ def axis_check_fires(engine, params: dict) -> dict:
     p = params["blocks.0.attn.query.weight"]
     p.tensor_model_parallel, p.partition_dim = True, 1  # pretend TP shards its normalised axis
     try:
-        collective_renormalize_(engine)
+        collective_renormalize_(engine, dp_group)
         fired["tp_sharded_axis"] = False
     except ValueError:
         fired["tp_sharded_axis"] = True
@@ -129,18 +130,15 @@ def run_case(case: str, steps: int, dp_size: int, tmp: Path) -> dict:
         ds_config = str(tmp / f"{case.replace(':', '_')}_rank{dist.get_rank()}.json")
         Path(ds_config).write_text(json.dumps(cfg))
     torch.manual_seed(1234)
-    model, mpu, dp_rank = build_model(MODEL), None, dist.get_rank()
-    if "tp" in opts:  # megatron TP x DP; must be the last cases (DeepSpeed keeps the mpu globally)
-        from letngpt.parallel.tensor_parallel import MegatronMPU, initialize_tp, parallelize_tp
-
-        initialize_tp(int(opts["tp"]))
-        mpu = MegatronMPU()
-        dp_size, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
-        model = parallelize_tp(build_model(TP_MODEL), int(opts["tp"]))
-    train = TrainConfig(zero_stage=int(stage[1:]), batch_size=2, gradient_accumulation_steps=dp_size,
-                        learning_rate=2e-2, weight_decay=0.1, grad_clip=1.0, device="cpu",
+    tp = int(opts.get("tp", 1))  # megatron TP x DP; must be the last cases (DeepSpeed keeps the mpu globally)
+    model_cfg = TP_MODEL if tp > 1 else MODEL
+    train = TrainConfig(zero_stage=int(stage[1:]), batch_size=2, gradient_accumulation_steps=dp_size // tp,
+                        learning_rate=2e-2, weight_decay=0.1, grad_clip=1.0, device="cpu", tp=tp,
                         dtype="bfloat16" if "bf16" in opts else "float32", ds_config=ds_config)
-    engine, _, _ = build_engine(model, train, dp_size, resolve_dtype(train, torch.device("cpu")), mpu=mpu)
+    layout = build_layout(RunConfig(model=model_cfg, train=train), dist.get_world_size(), dist.get_rank())
+    dp_rank = layout.dp_rank
+    engine, _, _ = build_engine(layout.shard(build_model(model_cfg)), train, layout,
+                                resolve_dtype(train, torch.device("cpu")))
     dims = engine.module.unit_norm_axes()
     named = dict(engine.module.named_parameters())
     params = {name: named[name] for name in dims}
@@ -156,7 +154,7 @@ def run_case(case: str, steps: int, dp_size: int, tmp: Path) -> dict:
         assert engine.was_step_applied()
         before, _ = masters_and_compute(engine, params)
         with CommCounter() as counter:
-            returned = collective_renormalize_(engine)
+            returned = collective_renormalize_(engine, layout.dp_group)
         coll_m, coll_c = masters_and_compute(engine, params)
         restore_masters(engine, params, before)
         renormalize_engine_weights_(engine)
@@ -182,7 +180,7 @@ def run_case(case: str, steps: int, dp_size: int, tmp: Path) -> dict:
     result["persistent"] = [n for n, p in params.items() if getattr(p, "ds_persist", False)]
     result["seconds"] = time.perf_counter() - t0
     if "axis_check" in opts:
-        result["axis_check"] = axis_check_fires(engine, params)
+        result["axis_check"] = axis_check_fires(engine, params, layout.dp_group)
     del engine
     return result
 

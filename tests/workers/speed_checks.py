@@ -12,6 +12,7 @@ Writes the report to the JSON file given as argv[1] (rank 0)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,9 +20,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from letngpt.config import ModelConfig, TrainConfig
+from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.model import build_model
 from letngpt.parallel.distributed import init_distributed, shutdown
+from letngpt.parallel.layout import build_layout
 from letngpt.renorm.collective import collective_renormalize_
 from letngpt.train.compile import blocks_compiled, compile_counts
 from letngpt.train.engine import build_engine
@@ -56,29 +58,25 @@ def sphere_deviation(engine) -> float:
     return worst
 
 
-def run_steps(cfg: ModelConfig, train: TrainConfig, steps: int, mpu=None, tp: int = 1) -> dict:
+def run_steps(cfg: ModelConfig, train: TrainConfig, steps: int, tp: int = 1) -> dict:
+    train = dataclasses.replace(train, tp=tp)
+    layout = build_layout(RunConfig(model=cfg, train=train), dist.get_world_size(), dist.get_rank())
     torch.manual_seed(0)
-    model = build_model(cfg)
-    if tp > 1:
-        from letngpt.parallel.tensor_parallel import parallelize_tp
-
-        model = parallelize_tp(model, tp)
-    dp = dist.get_world_size() // tp
-    engine, _, _ = build_engine(model, train, dp, torch.float32, mpu=mpu)
+    engine, _, _ = build_engine(layout.shard(build_model(cfg)), train, layout, torch.float32)
     losses, deviations = [], []
-    dp_rank = dist.get_rank() // tp
+    dp_rank = layout.dp_rank
     for step in range(steps):
         x, y = batch(step, dp_rank)
         _, loss = engine(x, y)
         engine.backward(loss)
         engine.step()
-        collective_renormalize_(engine)
+        collective_renormalize_(engine, layout.dp_group)
         losses.append(float(loss))
         deviations.append(sphere_deviation(engine) if cfg.use_ngpt else 0.0)
     return {"losses": losses, "sphere": deviations, "compiled": blocks_compiled(engine.module)}
 
 
-def eager_and_compiled(cfg: ModelConfig, stage: int, tp: int = 1, mpu=None) -> dict:
+def eager_and_compiled(cfg: ModelConfig, stage: int, tp: int = 1) -> dict:
     """5 steps eager, then 5 compiled from the same weights; the compiled run's dynamo counts (this
     process's recompilations and graph breaks during it)."""
     runs = {}
@@ -86,7 +84,7 @@ def eager_and_compiled(cfg: ModelConfig, stage: int, tp: int = 1, mpu=None) -> d
         train = TrainConfig(zero_stage=stage, batch_size=BATCH, gradient_accumulation_steps=2 // tp,
                             learning_rate=3e-3, dtype="float32", device="cpu", compile=compiled, tp=tp)
         before = compile_counts()
-        runs["compiled" if compiled else "eager"] = run_steps(cfg, train, 5, mpu=mpu, tp=tp)
+        runs["compiled" if compiled else "eager"] = run_steps(cfg, train, 5, tp=tp)
         after = compile_counts()
         runs["compiled" if compiled else "eager"].update(
             recompiles=after["recompiles"] - before["recompiles"],
@@ -122,7 +120,7 @@ def grads_with_and_without(model: torch.nn.Module) -> dict:
 
 
 def checkpointing_checks() -> dict:
-    from letngpt.parallel.tensor_parallel import MegatronMPU, initialize_tp, parallelize_tp
+    from letngpt.parallel.tensor_parallel import initialize_tp, parallelize_tp
 
     cfg = model_config(True, 3)
     torch.manual_seed(0)
@@ -137,7 +135,7 @@ def checkpointing_checks() -> dict:
     for on in (False, True):
         train = TrainConfig(zero_stage=1, batch_size=BATCH, gradient_accumulation_steps=1, learning_rate=3e-3,
                             dtype="float32", device="cpu", activation_checkpointing=on)
-        out[f"tp2_engine_{'on' if on else 'off'}"] = run_steps(cfg, train, 3, mpu=MegatronMPU(), tp=2)
+        out[f"tp2_engine_{'on' if on else 'off'}"] = run_steps(cfg, train, 3, tp=2)
     return out
 
 
@@ -145,9 +143,7 @@ def main() -> None:
     init_distributed("cpu")
     torch.set_num_threads(1)
     report = {"compile": compile_checks(), "checkpointing": checkpointing_checks()}
-    from letngpt.parallel.tensor_parallel import MegatronMPU  # the TP groups: made by checkpointing_checks
-
-    report["compile"]["LETNGPT/tp2_zero1"] = eager_and_compiled(model_config(True, 3), 1, tp=2, mpu=MegatronMPU())
+    report["compile"]["LETNGPT/tp2_zero1"] = eager_and_compiled(model_config(True, 3), 1, tp=2)
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
     shutdown()
