@@ -138,15 +138,15 @@ def kernel_agreement(flash_fn: Callable, batch_size: int, seq_len: int, n_head: 
                                            is_causal=True, scale=scale)
         return o.transpose(1, 2)
 
-    def run(fn, dt):
+    def outputs(fn, dt):
         ins = [t.detach().to(dt).clone().requires_grad_(True) for t in (q, k, v)]
         out = fn(*ins)
         out.backward(g.to(dt))
         return [out.detach().float()] + [t.grad.float() for t in ins]
 
-    ref = run(sdpa, torch.float32)
-    low_sdpa = run(sdpa, dtype)
-    low_flash = run(lambda a, b, c: flash_fn(a, b, c, softmax_scale=scale, causal=True), dtype)
+    ref = outputs(sdpa, torch.float32)
+    low_sdpa = outputs(sdpa, dtype)
+    low_flash = outputs(lambda a, b, c: flash_fn(a, b, c, softmax_scale=scale, causal=True), dtype)
     names = ("out", "dq", "dk", "dv")
     res: dict = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "tensors": {}}
     agree = True

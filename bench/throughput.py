@@ -111,7 +111,7 @@ def probe_memory_of(variants: list[Variant], results: list[dict], batch_size: in
                                                checkpointing=v.checkpointing)
 
 
-def run(args: argparse.Namespace, log=print) -> dict:
+def measure(args: argparse.Namespace, log=print) -> dict:
     t_start = time.monotonic()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -260,7 +260,7 @@ def tables(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    report = run(args)
+    report = measure(args)
     print()
     print(tables(report))
     if report.get("warning"):

@@ -410,10 +410,10 @@ def test_bad_sweep_arguments_exit_2_with_one_line(argv, message, tmp_path, capsy
 
 
 def test_grid_runs_middle_first_with_presets_interleaved():
-    from letngpt.compare.runner import Plan, grid_order
+    from letngpt.compare.runner import SweepDesign, grid_order
 
-    plan = Plan(["a", "b"], {"a": [1e-3, 3e-3, 1e-2], "b": [1e-2, 3e-2]}, {"a", "b"}, [1], 1, [], 1, None)
-    specs = sorted((Spec(p, lr, 1, 10) for p in "ab" for lr in plan.grids[p]), key=lambda s: grid_order(s, plan))
+    design = SweepDesign(["a", "b"], {"a": [1e-3, 3e-3, 1e-2], "b": [1e-2, 3e-2]}, {"a", "b"}, [1], 1, [], 1, None)
+    specs = sorted((Spec(p, lr, 1, 10) for p in "ab" for lr in design.grids[p]), key=lambda s: grid_order(s, design))
     assert [(s.preset, s.lr) for s in specs] == [("a", 3e-3), ("b", 1e-2), ("a", 1e-3), ("a", 1e-2), ("b", 3e-2)]
 
 

@@ -225,23 +225,23 @@ def test_runs_queued_or_running_are_never_resubmitted_and_failed_ones_are_retrie
     write_record(tmp_path, specs[4], ["14", "15"], key="--config=char_GPT --seed=99\n")  # other flags: starts over
     states = {"11": "PENDING", "12": "REQUEUED", "13": "CANCELLED", "15": "COMPLETED"}
     launcher = Recorder(tmp_path, states)
-    results = launcher.run(specs)
+    results = launcher.launch(specs)
     assert [r.error for r in results] == [NOT_RUN] * 5
     assert launcher.sent == [(specs[0].name, []), (specs[3].name, ["13"]), (specs[4].name, [])]
     launcher = Recorder(tmp_path, states, report_only=True)  # --report_only: a snapshot, nothing submitted
-    assert [r.error for r in launcher.run(specs)] == [NOT_RUN] * 5 and launcher.sent == []
+    assert [r.error for r in launcher.launch(specs)] == [NOT_RUN] * 5 and launcher.sent == []
 
 
 def test_a_run_out_of_retries_is_reported_failed_with_its_log_tail(tmp_path):
     spec = Spec("char_GPT", 1e-3, 1, 6)
     write_record(tmp_path, spec, ["21", "22", "23"])
     launcher = Recorder(tmp_path, {"23": "FAILED"})
-    (result,) = launcher.run([spec])
+    (result,) = launcher.launch([spec])
     assert launcher.sent == [] and result.error.startswith("SLURM job(s) 21, 22, 23 ended without finishing (last: "
                                                            "FAILED); 3 attempts, --max_retries 2")
     assert result.error.endswith("line 99\nTraceback: boom") and "line 70" not in result.error
     launcher = Recorder(tmp_path, {}, max_retries=3)  # gone from squeue (MinJobAge), one retry left
-    launcher.run([spec])
+    launcher.launch([spec])
     assert launcher.sent == [(spec.name, ["21", "22", "23"])]
 
 

@@ -134,12 +134,12 @@ def test_bad_combinations_exit_2_with_one_line(capsys, argv, message):
 def test_checkpointing_and_zero3_shrink_the_estimate():
     run = get_config("LETNGPT_4kctx_10k_lr30e-4")
     base = Cluster(nodes=4, gpus_per_node=8, tp=2, zero_stage=1)
-    from letngpt.tools.plan import plan
+    from letngpt.tools.plan import capacity
 
-    plain, ckpt = plan(run, base), plan(run, dataclasses.replace(base, activation_checkpointing=True))
+    plain, ckpt = capacity(run, base), capacity(run, dataclasses.replace(base, activation_checkpointing=True))
     assert ckpt["activations"]["total"] < plain["activations"]["total"] / 5
     assert ckpt["flops_per_step"] == pytest.approx(plain["flops_per_step"] * 4 / 3)
-    z3 = plan(run, dataclasses.replace(base, zero_stage=3))
+    z3 = capacity(run, dataclasses.replace(base, zero_stage=3))
     assert z3["model_states"]["parameters"] == plain["model_states"]["parameters"] // 16
     assert z3["model_states"]["source"].startswith("deepspeed estimate_zero3")
 
@@ -158,7 +158,7 @@ def test_planner_counts_causal_attention_as_half():
     """The planner's FLOPs are letngpt.model.flops' (causal attention counted as half, as FlashAttention and
     Megatron-LM count it), written here from the formula: 6 FLOPs per matmul weight and token, plus
     3 x (q.k and p.v) x 2 FLOPs per multiply-add x t/2 keys x d x M maps per layer."""
-    from letngpt.tools.plan import plan
+    from letngpt.tools.plan import capacity
 
     run = get_config("LETNGPT_4kctx_10k_lr30e-4")
     m, t = run.model, run.train
@@ -166,7 +166,7 @@ def test_planner_counts_causal_attention_as_half():
     matmul = L * ((2 * M + 2) * d * d + 3 * d * hidden) + m.vocab_size * d
     causal = 6 * matmul + 3 * 2 * 2 * (T / 2) * d * M * L
     tokens = t.batch_size * T * t.gradient_accumulation_steps
-    p = plan(run, Cluster(nodes=4, gpus_per_node=8, tp=2, zero_stage=1))
+    p = capacity(run, Cluster(nodes=4, gpus_per_node=8, tp=2, zero_stage=1))
     assert p["flops_per_step"] == pytest.approx(causal * tokens, rel=1e-12)
     full = 6 * matmul + 3 * 2 * 2 * T * d * M * L
     assert 1.3 < full / causal < 1.4  # what counting the masked half overstated MFU by (issue 22: ~1.35x)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from letngpt.config import RunConfig
-from letngpt.tools.plan import Cluster, PlanError, plan
+from letngpt.tools.plan import Cluster, PlanError, capacity
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,9 @@ def run_cost(preset: str, run: RunConfig, res: Resources, gpu: str, mfu: float) 
     """letngpt.tools.plan's step time for `run` on `res`; a PlanError (a layout that cannot run) propagates."""
     if not res.per_node:
         return RunCost(preset, res, None, "GPUs per node unknown: give --sbatch_args='--gpus-per-node=N' or --nproc")
-    t = run.train
+    train_cfg = run.train
     try:
-        p = plan(run, Cluster(res.nodes, res.per_node, t.tp, t.zero_stage, gpu, mfu))
+        p = capacity(run, Cluster(res.nodes, res.per_node, train_cfg.tp, train_cfg.zero_stage, gpu, mfu))
     except PlanError as e:
         raise PlanError(f"{preset} on {res.nodes} node(s) x {res.per_node} GPUs: {e}") from None
     return RunCost(preset, res, p["step_s"], "" if p["fits"] else "DOES NOT FIT in GPU memory (estimate)")

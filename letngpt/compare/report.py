@@ -144,7 +144,7 @@ def plot(best: Sequence[Group], budgets: dict[str, list[Group]], costs: dict[str
         shown += [m for s, m in zip(steps, mean, strict=True) if s > 0] or mean
         label = f"{g.preset} (lr {g.lr:g}, {len(g.ok_runs)} seeds)"
         _band(axes[0], steps, mean, std, label)
-        if all(math.isfinite(t) for t in times):
+        if all(math.isfinite(seconds) for seconds in times):
             _band(axes[1], times, mean, std, label)
         c = costs[g.preset]
         at = [i for i, s in enumerate(steps) if s > 0]  # log axis: step 0 has no place on it

@@ -127,7 +127,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 @dataclass
-class Plan:
+class SweepDesign:
     """What a sweep will run, validated before anything trains."""
 
     presets: list[str]
@@ -142,7 +142,7 @@ class Plan:
     sbatch: dict[str, list[str]] = field(default_factory=dict)  # preset -> its jobs' sbatch options (slurm)
 
 
-def check(ns: argparse.Namespace, extras: list[str]) -> Plan:
+def check(ns: argparse.Namespace, extras: list[str]) -> SweepDesign:
     """Validate everything before training anything: presets, flags, grids, seeds, budgets. Raises
     ConfigError with a one-line message."""
     presets = [p.strip() for p in ns.presets.split(",") if p.strip()]
@@ -168,28 +168,28 @@ def check(ns: argparse.Namespace, extras: list[str]) -> Plan:
     clash = sorted({canonical_key(k) for k in overrides} & (CONTROLLED | ({"learning_rate"} if grids else set())))
     if action != "train" or clash:
         raise ConfigError(f"pass-through flags may not set {', '.join(clash) or action}: use compare's own options")
-    plan = Plan(presets, {}, set(grids), seeds, grid_seeds, budgets, budget_seeds, None)
+    design = SweepDesign(presets, {}, set(grids), seeds, grid_seeds, budgets, budget_seeds, None)
     for preset in presets:
-        plan.configs[preset] = parse(run_flags(Spec(preset, 0.0, seeds[0], ns.max_iters), plan, ns, extras)).run
-        plan.grids[preset] = grids.get(preset) or [plan.configs[preset].train.learning_rate]
-        for lr in plan.grids[preset]:  # each run's full configuration is valid, at every budget
+        design.configs[preset] = parse(run_flags(Spec(preset, 0.0, seeds[0], ns.max_iters), design, ns, extras)).run
+        design.grids[preset] = grids.get(preset) or [design.configs[preset].train.learning_rate]
+        for lr in design.grids[preset]:  # each run's full configuration is valid, at every budget
             for steps in [ns.max_iters, *budgets]:
-                parse(run_flags(Spec(preset, lr, seeds[0], steps), plan, ns, extras))
-    plan.sbatch = parse_sbatch_args(ns.sbatch_args, presets)
-    plan.baseline = ns.baseline or pick_baseline(presets)
+                parse(run_flags(Spec(preset, lr, seeds[0], steps), design, ns, extras))
+    design.sbatch = parse_sbatch_args(ns.sbatch_args, presets)
+    design.baseline = ns.baseline or pick_baseline(presets)
     if ns.baseline and ns.baseline not in presets:
         raise ConfigError(f"--baseline {ns.baseline!r} is not one of --presets")
-    return plan
+    return design
 
 
-def run_flags(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str]) -> list[str]:
+def run_flags(spec: Spec, design: SweepDesign, ns: argparse.Namespace, extras: list[str]) -> list[str]:
     """train.py flags of one run: the same data, evaluation and schedule shape for every variant. A swept
     lr keeps the preset's min_lr / lr ratio (nanoGPT's lr / 10) unless the pass-through flags set min_lr."""
     flags = [f"--config={spec.preset}", *DEFAULT_FLAGS, *extras, *budget_flags(ns, spec.steps),
              f"--seed={spec.seed}"]
-    if spec.preset in plan.swept and spec.lr > 0:
+    if spec.preset in design.swept and spec.lr > 0:
         flags.append(f"--learning_rate={spec.lr!r}")
-        base = plan.configs.get(spec.preset)
+        base = design.configs.get(spec.preset)
         if base and base.train.min_lr and "min_lr" not in {canonical_key(k) for k in split_args(extras)[1]}:
             ratio = round(base.train.min_lr / base.train.learning_rate, 9)  # 0.1, not 0.10000000000000002
             flags.append(f"--min_lr={float(f'{spec.lr * ratio:.12g}')!r}")
@@ -209,19 +209,19 @@ def budget_flags(ns: argparse.Namespace, steps: int) -> list[str]:
     return flags + ([f"--eval_iters={ns.eval_iters}"] if ns.eval_iters else [])
 
 
-def train_command(spec: Spec, plan: Plan, run_dir: Path, ns: argparse.Namespace, extras: list[str],
+def train_command(spec: Spec, design: SweepDesign, run_dir: Path, ns: argparse.Namespace, extras: list[str],
                   data_dir: Path, uri: str, parent_id: str | None) -> list[str]:
     launcher = [sys.executable]
     if (ns.nproc or 1) > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ns.nproc}"]
-    return [*launcher, str(TRAIN_PY), *job_flags(spec, plan, ns, extras, data_dir, run_dir, uri, parent_id),
+    return [*launcher, str(TRAIN_PY), *job_flags(spec, design, ns, extras, data_dir, run_dir, uri, parent_id),
             "--init_from=scratch"]
 
 
-def job_flags(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str], data_dir: Path, run_dir: Path,
+def job_flags(spec: Spec, design: SweepDesign, ns: argparse.Namespace, extras: list[str], data_dir: Path, run_dir: Path,
               uri: str, parent_id: str | None) -> list[str]:
     """train.py flags of one run, wherever it runs (a SLURM job resumes its own checkpoint: no --init_from)."""
-    return [*run_flags(spec, plan, ns, extras), f"--data_dir={data_dir}", f"--out_dir={run_dir}",
+    return [*run_flags(spec, design, ns, extras), f"--data_dir={data_dir}", f"--out_dir={run_dir}",
             f"--tracking_uri={uri}", f"--experiment={EXPERIMENT}",
             *([f"--parent_run_id={parent_id}"] if parent_id else [])]
 
@@ -292,9 +292,9 @@ def reuse(run_dir: Path, key: str, steps: int) -> bool:
         return False
 
 
-def run_key(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str], data_dir: Path) -> str:
+def run_key(spec: Spec, design: SweepDesign, ns: argparse.Namespace, extras: list[str], data_dir: Path) -> str:
     """What identifies a run's result: its flags and data (a finished run with the same key is reused)."""
-    return shlex.join(run_flags(spec, plan, ns, extras) + [f"--data_dir={data_dir}"]) + "\n"
+    return shlex.join(run_flags(spec, design, ns, extras) + [f"--data_dir={data_dir}"]) + "\n"
 
 
 def describe(spec: Spec) -> str:
@@ -306,12 +306,12 @@ def stale_code(run_dir: Path) -> str:
     return "" if made_with == code_fingerprint() else f"; WARNING: trained with other model code ({made_with})"
 
 
-def run_variant(spec: Spec, plan: Plan, ns: argparse.Namespace, extras: list[str], data_dir: Path, out: Path,
+def run_variant(spec: Spec, design: SweepDesign, ns: argparse.Namespace, extras: list[str], data_dir: Path, out: Path,
                 uri: str, parent_id: str | None) -> Result:
     """Train one Spec from scratch in OUT/runs/<name> (or reuse its finished run) and collect its curve."""
     run_dir = out / "runs" / spec.name
-    cmd = train_command(spec, plan, run_dir, ns, extras, data_dir, uri, parent_id)
-    key, label = run_key(spec, plan, ns, extras, data_dir), describe(spec)
+    cmd = train_command(spec, design, run_dir, ns, extras, data_dir, uri, parent_id)
+    key, label = run_key(spec, design, ns, extras, data_dir), describe(spec)
     start, returncode = time.time(), 0
     if reuse(run_dir, key, spec.steps):
         print(f"reusing {label} ({run_dir}){stale_code(run_dir)}", flush=True)
@@ -364,12 +364,12 @@ def collect(run_dir: Path, uri: str, returncode: int, result: Result) -> Result:
     return result
 
 
-def run_all(specs: list[Spec], run: Callable[[Spec], Result], jobs: int) -> list[Result]:
+def run_all(specs: list[Spec], train_one: Callable[[Spec], Result], jobs: int) -> list[Result]:
     """Every spec, `jobs` at a time (threads waiting on training processes), results in spec order."""
     if jobs <= 1 or len(specs) <= 1:
-        return [run(s) for s in specs]
+        return [train_one(s) for s in specs]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(run, specs))
+        return list(pool.map(train_one, specs))
 
 
 def machine() -> str:
@@ -379,7 +379,7 @@ def machine() -> str:
     return f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPU cores, {device}, torch {torch.__version__}"
 
 
-def log_to_parent(tracker: Tracker, report: dict, plan: Plan, extra: list[Path]) -> None:
+def log_to_parent(tracker: Tracker, report: dict, design: SweepDesign, extra: list[Path]) -> None:
     """The table as parent-run metrics (`<preset>/<column>`) and params, the report files as artifacts."""
     metrics: dict[str, float | None] = {"target_val_loss": report["target"]}
     for row in report["rows"]:
@@ -405,26 +405,27 @@ def prepare(ns: argparse.Namespace) -> Path:
     return data_dir.resolve()
 
 
-def grid_order(spec: Spec, plan: Plan) -> tuple[int, int, int]:
+def grid_order(spec: Spec, design: SweepDesign) -> tuple[int, int, int]:
     """Middle of every preset's grid first, then outwards, presets interleaved: an interrupted sweep has
     compared every preset at one lr before it refines any."""
-    grid = sorted(plan.grids[spec.preset])
-    return abs(grid.index(spec.lr) - (len(grid) - 1) // 2), plan.presets.index(spec.preset), grid.index(spec.lr)
+    grid = sorted(design.grids[spec.preset])
+    return abs(grid.index(spec.lr) - (len(grid) - 1) // 2), design.presets.index(spec.preset), grid.index(spec.lr)
 
 
-def planned(plan: Plan, ns: argparse.Namespace, results: dict[Spec, Result]) -> tuple[list[Spec], dict]:
+def planned(design: SweepDesign, ns: argparse.Namespace, results: dict[Spec, Result]) -> tuple[list[Spec], dict]:
     """The runs the sweep has planned so far, and the best lr per preset: the lr grid on the grid seeds; then,
     for each preset whose grid has finished (or failed) in `results`, its best lr on the other seeds and the
     budget runs."""
-    grid_seeds = plan.seeds[:plan.grid_seeds]
-    specs = [Spec(p, lr, s, ns.max_iters) for p in plan.presets for lr in plan.grids[p] for s in grid_seeds]
-    specs.sort(key=lambda spec: grid_order(spec, plan))
+    grid_seeds = design.seeds[:design.grid_seeds]
+    specs = [Spec(p, lr, s, ns.max_iters) for p in design.presets for lr in design.grids[p] for s in grid_seeds]
+    specs.sort(key=lambda spec: grid_order(spec, design))
     grid = [results.get(s) or pending(s) for s in specs]
     best = choose_best(group_results(grid, specs), ns.max_iters, grid_seeds)
     unfinished = {s.preset for s, r in zip(specs, grid, strict=True) if r.error == NOT_RUN}
-    ready = [p for p in plan.presets if p not in unfinished]
-    more = [Spec(p, best[p]["lr"], s, ns.max_iters) for p in ready for s in plan.seeds[plan.grid_seeds:]]
-    more += [Spec(p, best[p]["lr"], s, b) for b in plan.budgets for p in ready for s in plan.seeds[:plan.budget_seeds]]
+    ready = [p for p in design.presets if p not in unfinished]
+    more = [Spec(p, best[p]["lr"], s, ns.max_iters) for p in ready for s in design.seeds[design.grid_seeds:]]
+    more += [Spec(p, best[p]["lr"], s, b) for b in design.budgets for p in ready
+             for s in design.seeds[:design.budget_seeds]]
     return specs + more, best
 
 
@@ -433,43 +434,43 @@ def pending(spec: Spec) -> Result:
 
 
 class Launcher(Protocol):
-    """Runs a sweep's runs: `run(specs)` returns each one's Result, NOT_RUN for those still queued or running
+    """Runs a sweep's runs: `launch(specs)` returns each one's Result, NOT_RUN for those still queued or running
     (or, with --report_only / --dry_run, not run); `wait`: whether sweep polls until none is left."""
 
     wait: bool
     poll_s: float
 
-    def run(self, specs: list[Spec]) -> list[Result]: ...
+    def launch(self, specs: list[Spec]) -> list[Result]: ...
 
 
 @dataclass
 class LocalLauncher:
-    """Every run a subprocess here, `jobs` at a time; run() returns when they have all ended."""
+    """Every run a subprocess here, `jobs` at a time; launch() returns when they have all ended."""
 
-    run_one: Callable[[Spec], Result]
+    train_one: Callable[[Spec], Result]
     jobs: int
     wait: bool = False
     poll_s: float = 0.0
 
-    def run(self, specs: list[Spec]) -> list[Result]:
-        return run_all(specs, self.run_one, self.jobs)
+    def launch(self, specs: list[Spec]) -> list[Result]:
+        return run_all(specs, self.train_one, self.jobs)
 
 
-def sweep(plan: Plan, ns: argparse.Namespace, launcher: Launcher) -> tuple[list[Spec], list[Result], dict]:
+def sweep(design: SweepDesign, ns: argparse.Namespace, launcher: Launcher) -> tuple[list[Spec], list[Result], dict]:
     """Run each stage as soon as it is planned: the grid, then each preset's best lr on the other seeds and
     budgets. A launcher that leaves runs queued returns after one pass unless it waits (slurm --wait)."""
     results: dict[Spec, Result] = {}
     while True:
-        specs, best = planned(plan, ns, results)
+        specs, best = planned(design, ns, results)
         todo = [s for s in specs if results.get(s, pending(s)).error == NOT_RUN]
         if not todo:
             break
-        results.update(zip(todo, launcher.run(todo), strict=True))
+        results.update(zip(todo, launcher.launch(todo), strict=True))
         if any(results[s].error == NOT_RUN for s in todo):
             if not launcher.wait:
                 break
             time.sleep(launcher.poll_s)
-    specs, best = planned(plan, ns, results)
+    specs, best = planned(design, ns, results)
     return specs, [results.get(s) or pending(s) for s in specs], best
 
 
@@ -507,16 +508,16 @@ def finished_run(sub: Submission, uri: str) -> Result | None:
     return result
 
 
-def make_launcher(plan: Plan, ns: argparse.Namespace, extras: list[str], data_dir: Path, out: Path, uri: str,
+def make_launcher(design: SweepDesign, ns: argparse.Namespace, extras: list[str], data_dir: Path, out: Path, uri: str,
                   parent_id: str | None) -> Launcher:
     """The local launcher (today's subprocesses) or the SLURM one (letngpt.compare.slurm), same runs either way."""
     if ns.launcher == "local":
-        return LocalLauncher(lambda spec: run_variant(spec, plan, ns, extras, data_dir, out, uri, parent_id), ns.jobs)
+        return LocalLauncher(lambda spec: run_variant(spec, design, ns, extras, data_dir, out, uri, parent_id), ns.jobs)
 
     def submission(spec: Spec) -> Submission:
         run_dir = out / "runs" / spec.name
-        return Submission(spec, run_dir, run_key(spec, plan, ns, extras, data_dir),
-                          job_flags(spec, plan, ns, extras, data_dir, run_dir, uri, parent_id), describe(spec),
+        return Submission(spec, run_dir, run_key(spec, design, ns, extras, data_dir),
+                          job_flags(spec, design, ns, extras, data_dir, run_dir, uri, parent_id), describe(spec),
                           code_fingerprint())
 
     env = {**os.environ, "LETNGPT_ROOT": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -524,30 +525,30 @@ def make_launcher(plan: Plan, ns: argparse.Namespace, extras: list[str], data_di
         env["LETNGPT_NPROC_PER_NODE"] = str(ns.nproc)
     if ns.threads:
         env["OMP_NUM_THREADS"] = str(ns.threads)
-    return SlurmLauncher(submission, plan.sbatch, env, max_retries=ns.max_retries, wait=ns.wait, poll_s=ns.poll,
+    return SlurmLauncher(submission, design.sbatch, env, max_retries=ns.max_retries, wait=ns.wait, poll_s=ns.poll,
                          finished=lambda sub: finished_run(sub, uri), same_run=same_flags, dry_run=ns.dry_run,
                          report_only=ns.report_only)
 
 
-def cost_plan(plan: Plan, ns: argparse.Namespace) -> str:
+def cost_plan(design: SweepDesign, ns: argparse.Namespace) -> str:
     """Runs per stage, GPU-hours and wall time (letngpt.compare.cost); a layout that cannot run is a PlanError."""
-    costs = {p: run_cost(p, plan.configs[p], sbatch_resources(plan.sbatch.get(p, []), ns.nproc or
+    costs = {p: run_cost(p, design.configs[p], sbatch_resources(design.sbatch.get(p, []), ns.nproc or
                                                              (None if ns.launcher == "slurm" else 1)), ns.gpu, ns.mfu)
-             for p in plan.presets}
-    staged = stages(plan.presets, plan.grids, len(plan.seeds), plan.grid_seeds, plan.budgets, plan.budget_seeds,
-                    ns.max_iters)
+             for p in design.presets}
+    staged = stages(design.presets, design.grids, len(design.seeds), design.grid_seeds, design.budgets,
+                    design.budget_seeds, ns.max_iters)
     return estimate(costs, staged, ns.gpu, ns.mfu)[0]
 
 
-def start_parent(ns: argparse.Namespace, plan: Plan, out: Path, uri: str, data_dir: Path, extras: list[str],
+def start_parent(ns: argparse.Namespace, design: SweepDesign, out: Path, uri: str, data_dir: Path, extras: list[str],
                  command: str) -> tuple[Tracker, str | None]:
     """The sweep's MLflow parent run; a SLURM sweep keeps one across invocations (OUT/parent_run.json)."""
-    tracker = Tracker(out, tracking_uri=uri, experiment=EXPERIMENT, run_name=f"compare {','.join(plan.presets)}",
+    tracker = Tracker(out, tracking_uri=uri, experiment=EXPERIMENT, run_name=f"compare {','.join(design.presets)}",
                       enabled=not ns.report_only)
     parent_id = tracker.start(
         run_id=stored_parent(out, uri) if ns.launcher == "slurm" else None,
-        params={"presets": ",".join(plan.presets), "max_iters": ns.max_iters, "lrs": " ".join(ns.lrs) or "preset",
-                "seeds": ns.seeds, "budgets": ns.budgets or "none", "baseline": plan.baseline,
+        params={"presets": ",".join(design.presets), "max_iters": ns.max_iters, "lrs": " ".join(ns.lrs) or "preset",
+                "seeds": ns.seeds, "budgets": ns.budgets or "none", "baseline": design.baseline,
                 "data_dir": str(data_dir), "nproc": ns.nproc or 1, "jobs": ns.jobs, "extra_flags": shlex.join(extras),
                 "eval_interval": eval_interval(ns), "eval_iters": ns.eval_iters or "preset",
                 "launcher": ns.launcher},
@@ -558,25 +559,25 @@ def start_parent(ns: argparse.Namespace, plan: Plan, out: Path, uri: str, data_d
     return tracker, parent_id
 
 
-def setup(argv: list[str]) -> tuple[argparse.Namespace, list[str], Plan, Path]:
+def setup(argv: list[str]) -> tuple[argparse.Namespace, list[str], SweepDesign, Path]:
     """Everything checked before anything runs: options, data, SLURM's tools; the plan printed (slurm or
     --dry_run). Raises ConfigError / DataError (one line, exit 2)."""
     ns, extras = parse_args(argv)
-    plan = check(ns, extras)
+    design = check(ns, extras)
     data_dir = prepare(ns)
     if not TRAIN_PY.exists():
         raise ConfigError(f"{TRAIN_PY} not found: run from a letngpt checkout")
     if ns.launcher == "slurm" and not ns.dry_run:
         require_slurm()
     if ns.launcher == "slurm" or ns.dry_run:
-        print(cost_plan(plan, ns), flush=True)
-    return ns, extras, plan, data_dir
+        print(cost_plan(design, ns), flush=True)
+    return ns, extras, design, data_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        ns, extras, plan, data_dir = setup(argv)
+        ns, extras, design, data_dir = setup(argv)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -585,21 +586,22 @@ def main(argv: list[str] | None = None) -> int:
     if ns.dry_run:  # one pass that prints what it would run now
         print("dry run: the commands of what would run now (later stages follow from the grid's results); "
               "PARENT_RUN_ID stands for the MLflow parent run created at submission", flush=True)
-        sweep(plan, ns, make_launcher(plan, ns, extras, data_dir, out, uri, stored_parent(out, uri) or "PARENT_RUN_ID"))
+        parent = stored_parent(out, uri) or "PARENT_RUN_ID"
+        sweep(design, ns, make_launcher(design, ns, extras, data_dir, out, uri, parent))
         return 0
     try:
-        launcher = make_launcher(plan, ns, extras, data_dir, out, uri, None)
+        launcher = make_launcher(design, ns, extras, data_dir, out, uri, None)
         if isinstance(launcher, SlurmLauncher) and not ns.report_only:
-            launcher.check(plan.presets)
+            launcher.check(design.presets)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "letngpt.compare", *(a for a in argv if a != "--report_only")])
-    tracker, parent_id = start_parent(ns, plan, out, uri, data_dir, extras, command)
+    tracker, parent_id = start_parent(ns, design, out, uri, data_dir, extras, command)
     started = time.time()
     try:
-        swept = sweep(plan, ns, make_launcher(plan, ns, extras, data_dir, out, uri, parent_id))
+        swept = sweep(design, ns, make_launcher(design, ns, extras, data_dir, out, uri, parent_id))
     except ConfigError as e:  # sbatch refused a job, squeue failed: what was submitted is recorded
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -608,14 +610,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted: the submitted jobs go on; run the same command again to collect them", file=sys.stderr)
         return 130
-    where = (f"one SLURM job per run (sbatch {shlex.join(plan.sbatch[plan.presets[0]])})" if ns.launcher == "slurm"
+    where = (f"one SLURM job per run (sbatch {shlex.join(design.sbatch[design.presets[0]])})" if ns.launcher == "slurm"
              else f"{ns.nproc or 1} process(es) per run, {ns.jobs} run(s) at a time, on {machine()}")
     header = (f"# Convergence comparison\n\n`{command}`\n\nData `{data_dir}`, {ns.max_iters} steps per full run, "
-              f"seeds {' '.join(map(str, plan.seeds))}, {where}, {time.strftime('%Y-%m-%d')}; this invocation took "
+              f"seeds {' '.join(map(str, design.seeds))}, {where}, {time.strftime('%Y-%m-%d')}; this invocation took "
               f"{time.time() - started:.0f} s.")
-    report, done = finish(plan, ns, out, swept, header, data_dir.name,
+    report, done = finish(design, ns, out, swept, header, data_dir.name,
                           {"command": command, "parent_run_id": parent_id, "tracking_uri": uri})
-    log_to_parent(tracker, report, plan, [out / "results.json"])
+    log_to_parent(tracker, report, design, [out / "results.json"])
     return conclude(tracker, report, done, len(swept[0]) - len(done))
 
 
@@ -634,7 +636,7 @@ def conclude(tracker: Tracker, report: dict, done: list[Result], waiting: int) -
     return 1 if failed else 0
 
 
-def finish(plan: Plan, ns: argparse.Namespace, out: Path, swept: tuple[list[Spec], list[Result], dict],
+def finish(design: SweepDesign, ns: argparse.Namespace, out: Path, swept: tuple[list[Spec], list[Result], dict],
            header: str, data_name: str, ids: dict) -> tuple[dict, list[Result]]:
     """Group the finished runs, write the report files (letngpt.compare.report) and results.json; returns the
     report and the finished runs (--report_only leaves the others out, listed as not run yet)."""
@@ -649,10 +651,10 @@ def finish(plan: Plan, ns: argparse.Namespace, out: Path, swept: tuple[list[Spec
                    f"once its lr grid has finished). Not run yet: {', '.join(missing)}.")
     groups = group_results([r for _, r in done], [s for s, _ in done])
     costs = {p: model_costs(c.model, c.train.batch_size * c.model.block_size * c.train.gradient_accumulation_steps)
-             for p, c in plan.configs.items()}
-    report = write_sweep_report(groups, best, costs, plan.baseline, ns.max_iters, out, header,
-                                f"{data_name}: {ns.max_iters} steps, {', '.join(plan.presets)}")
-    details = {**ids, "experiment": EXPERIMENT, "baseline": plan.baseline, "target_val_loss": report["target"],
+             for p, c in design.configs.items()}
+    report = write_sweep_report(groups, best, costs, design.baseline, ns.max_iters, out, header,
+                                f"{data_name}: {ns.max_iters} steps, {', '.join(design.presets)}")
+    details = {**ids, "experiment": EXPERIMENT, "baseline": design.baseline, "target_val_loss": report["target"],
                "best": best, "costs": costs,
                "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in report["rows"]],
                "grid": report["grid"], "runs": [vars(r) for _, r in done], "not_run_yet": missing}

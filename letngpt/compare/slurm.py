@@ -142,7 +142,7 @@ class SlurmLauncher:
             raise SlurmError(f"squeue failed ({one_line(proc.stderr)}): not submitting anything")
         return dict(line.split("|", 1) for line in proc.stdout.split() if "|" in line)
 
-    def run(self, specs: Sequence[Spec]) -> list[Result]:
+    def launch(self, specs: Sequence[Spec]) -> list[Result]:
         """One pass: a finished run's Result, a failed run's error, and NOT_RUN for what is queued, running
         or just submitted."""
         subs = [self.submission(spec) for spec in specs]

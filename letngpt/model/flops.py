@@ -27,8 +27,8 @@ def matmul_params(cfg: ModelConfig) -> int:
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
     """Forward attention FLOPs per token, causal: q.k and p.v over t/2 keys on average, for each
     of the M maps of every layer (2 FLOPs per multiply-add, 2 products: 2 * 2 * (t/2) * d * M)."""
-    t = seq_len or cfg.block_size
-    return cfg.n_layer * 2 * t * cfg.n_embd * cfg.num_maps
+    context = seq_len or cfg.block_size
+    return cfg.n_layer * 2 * context * cfg.n_embd * cfg.num_maps
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:

@@ -28,6 +28,10 @@ from torch.utils.checkpoint import checkpoint
 from letngpt.config import ModelConfig
 from letngpt.model.kernels import attend
 
+# The compatibility shim: parameters older versions had and this one dropped. The ensemble scale s of
+# w_m = tanh(r_m) * s was inert (the head norm removes any overall scale of the mix).
+REMOVED_PARAMS = ("ensemble_scale",)
+
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -148,10 +152,10 @@ class LinearEnsembleAttention(nn.Module):
         return torch.tanh(self.ensemble_logits)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
-        # Checkpoints from before the inert ensemble scale `s` was removed still hold it. The
-        # head norm made it a no-op (a factor on every w_m cancels), so dropping it is exact
-        # up to the norm's eps, and old weights keep loading.
-        state_dict.pop(prefix + "ensemble_scale", None)
+        # Checkpoints from older versions may hold parameters this one dropped (REMOVED_PARAMS); each
+        # was inert, so dropping it is exact up to the norm's eps, and old weights keep loading.
+        for name in REMOVED_PARAMS:
+            state_dict.pop(prefix + name, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -90,14 +90,14 @@ def _world_size(group=None) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
-def all_reduce_(t: torch.Tensor, device: torch.device, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
-    """THE tensor collective: all-reduce `t` over `group` on `device`, the process group's device.
+def all_reduce_(tensor: torch.Tensor, device: torch.device, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """THE tensor collective: all-reduce `tensor` over `group` on `device`, the process group's device.
     NCCL reduces GPU tensors only (a CPU tensor is an error there, silently fine on gloo), so every
     all-reduce in letngpt goes through here. Returns the reduced tensor, on `device`."""
-    t = t.to(device)
+    tensor = tensor.to(device)
     if _world_size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
 
 
 def all_reduce_max(flag: bool | float, device: torch.device) -> float:
@@ -106,13 +106,13 @@ def all_reduce_max(flag: bool | float, device: torch.device) -> float:
 
 
 def all_reduce_mean(value: float, device: torch.device, group=None) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64 if device.type == "cpu" else torch.float32)
-    return float(all_reduce_(t, device, group=group).item()) / _world_size(group)
+    tensor = torch.tensor([float(value)], dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    return float(all_reduce_(tensor, device, group=group).item()) / _world_size(group)
 
 
-def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Elementwise sum over every rank of a small CPU tensor (sent via `device`), returned on the CPU."""
-    return all_reduce_(t, device).cpu()
+    return all_reduce_(tensor, device).cpu()
 
 
 def shutdown() -> None:

@@ -84,17 +84,17 @@ def _targets(model: nn.Module) -> list[_Target]:
     return targets
 
 
-def _blocks(flat: torch.Tensor, start: int, t: _Target) -> Iterator[tuple[torch.Tensor, slice]]:
+def _blocks(flat: torch.Tensor, start: int, target: _Target) -> Iterator[tuple[torch.Tensor, slice]]:
     """Cut a flat fragment holding elements [start, start + numel) of the row-major matrix into
     at most three 2-D views (a partial first row, whole rows, a partial last row); yield each
     with the norms it touches (its rows if dim == 1, its columns if dim == 0)."""
-    cols, offset, numel = t.shape[1], 0, flat.numel()
+    cols, offset, numel = target.shape[1], 0, flat.numel()
     while offset < numel:
         row, col = divmod(start + offset, cols)
         n_rows, width = (1, min(cols - col, numel - offset)) if col or numel - offset < cols \
             else ((numel - offset) // cols, cols)
         block = flat.narrow(0, offset, n_rows * width).view(n_rows, width)
-        yield block, slice(row, row + n_rows) if t.dim == 1 else slice(col, col + width)
+        yield block, slice(row, row + n_rows) if target.dim == 1 else slice(col, col + width)
         offset += n_rows * width
 
 
@@ -108,8 +108,8 @@ def _runs(pieces: list[Piece]) -> Iterator[list[Piece]]:
     touching the same norms of consecutive matrices (adjacent spans in the buffer). Launches then
     scale with the number of kinds of matrix (and partition cuts), not of matrices."""
     def key(piece: Piece) -> tuple:
-        t, block, idx = piece
-        return t.kind, t.shape, t.dim, tuple(block.shape), block.dtype, block.device, idx.start, idx.stop
+        target, block, idx = piece
+        return target.kind, target.shape, target.dim, tuple(block.shape), block.dtype, block.device, idx.start, idx.stop
 
     by_key: dict[tuple, list[Piece]] = {}
     for piece in pieces:
@@ -151,7 +151,7 @@ def _batch(run: list[Piece]) -> tuple[torch.Tensor, bool]:
 
 def _pieces(parts: list[tuple[_Target, torch.Tensor, int]]) -> list[Piece]:
     """(target, flat fragment, first element) -> the fragments' 2-D blocks."""
-    return [(t, block, idx) for t, flat, start in parts for block, idx in _blocks(flat, start, t)]
+    return [(target, block, idx) for target, flat, start in parts for block, idx in _blocks(flat, start, target)]
 
 
 def _add_square_sums(sums: torch.Tensor, pieces: list[Piece]) -> None:
@@ -172,18 +172,18 @@ def _divide(norms: torch.Tensor, pieces: list[Piece]) -> None:
             torch._foreach_copy_([block for _, block, _ in run], list(batch.unbind(0)))
 
 
-def _add_square_sums_(sums: torch.Tensor, flat: torch.Tensor, start: int, t: _Target) -> None:
-    """One fragment's share of `sums` (laid out as `t.span`)."""
-    _add_square_sums(sums, _pieces([(t, flat, start)]))
+def _add_square_sums_(sums: torch.Tensor, flat: torch.Tensor, start: int, target: _Target) -> None:
+    """One fragment's share of `sums` (laid out as `target.span`)."""
+    _add_square_sums(sums, _pieces([(target, flat, start)]))
 
 
-def _divide_(flat: torch.Tensor, start: int, t: _Target, norms: torch.Tensor) -> None:
-    _divide(norms, _pieces([(t, flat, start)]))
+def _divide_(flat: torch.Tensor, start: int, target: _Target, norms: torch.Tensor) -> None:
+    _divide(norms, _pieces([(target, flat, start)]))
 
 
-def _full(t: _Target) -> tuple[_Target, torch.Tensor, int]:
+def _full(target: _Target) -> tuple[_Target, torch.Tensor, int]:
     """A matrix held whole (a compute weight; a master at ZeRO 0) as a fragment starting at 0."""
-    return t, t.param.data.view(-1), 0
+    return target, target.param.data.view(-1), 0
 
 
 def _all_reduce_norms(sums: torch.Tensor, group) -> tuple[torch.Tensor, int]:
@@ -220,16 +220,16 @@ def _local_norms(parts: list[tuple[_Target, torch.Tensor, int]], size: int, grou
 def _renorm_fragments(targets: list[_Target], group, device: torch.device) -> int:
     """ZeRO 1/2 and DeepSpeed's BF16_Optimizer: `p._hp_mapping` (deepspeed/utils/tensor_fragment.py)
     maps this rank's fp32 fragment `hp_fragment` to elements [start, start + numel) of p."""
-    _check_partition_group(group, [t.param._dp_group for t in targets])
-    parts = [(t, frag.hp_fragment, frag.lp_fragment_address.start) for t in targets
-             if (frag := t.param._hp_mapping) is not None]  # None: no element of p in this partition
+    _check_partition_group(group, [target.param._dp_group for target in targets])
+    parts = [(target, frag.hp_fragment, frag.lp_fragment_address.start) for target in targets
+             if (frag := target.param._hp_mapping) is not None]  # None: no element of p in this partition
     norms, nbytes, pieces = _local_norms(parts, targets[-1].span.stop, group, device)
     _divide(norms, pieces)
     # Every rank holds the full compute weights (equal to the masters before this call in fp32), so
     # the same division gives the same result as the masters, bit for bit. A bf16 copy is rounded
     # twice (it was the master rounded to bf16): within one bf16 ulp of the re-cast master, and
     # DeepSpeed overwrites it from the master at the next step, so the error never accumulates.
-    _divide(norms, _pieces([_full(t) for t in targets]))
+    _divide(norms, _pieces([_full(target) for target in targets]))
     return nbytes
 
 
@@ -250,9 +250,9 @@ def _renorm_zero3(engine, targets: list[_Target], group, device: torch.device) -
     optimizer = engine.optimizer
     if getattr(optimizer, "swap_optimizer", False) or getattr(optimizer, "params_in_nvme_and_cpu", False):
         raise NotImplementedError("collective renormalisation does not support ZeRO-3 NVMe offload")
-    _check_partition_group(group, [t.param.ds_process_group for t in targets])
-    parts = [_zero3_partition(optimizer, t.param) for t in targets]
-    norms, nbytes, pieces = _local_norms([(t, master, start) for t, (master, _, start) in zip(targets, parts,
+    _check_partition_group(group, [target.param.ds_process_group for target in targets])
+    parts = [_zero3_partition(optimizer, target.param) for target in targets]
+    norms, nbytes, pieces = _local_norms([(target, master, start) for target, (master, _, start) in zip(targets, parts,
                                                                                               strict=True)],
                                          targets[-1].span.stop, group, device)
     _divide(norms, pieces)
@@ -261,7 +261,8 @@ def _renorm_zero3(engine, targets: list[_Target], group, device: torch.device) -
     if copies:
         torch._foreach_copy_([c for c, _ in copies], [m for _, m in copies])
     # A gathered full copy (ZeRO 3's persistent small params) is rescaled like ZeRO 1/2's weights.
-    _divide(norms, _pieces([_full(t) for t in targets if t.param.ds_status == ZeroParamStatus.AVAILABLE]))
+    gathered = [target for target in targets if target.param.ds_status == ZeroParamStatus.AVAILABLE]
+    _divide(norms, _pieces([_full(target) for target in gathered]))
     return nbytes
 
 
@@ -283,16 +284,16 @@ def _renorm_full_masters(optimizer, targets: list[_Target]) -> int:
     """ZeRO 0 under DeepSpeed's fp16/bf16 optimizer: every rank normalises its full fp32 masters,
     then the compute weights take them (cast), with no communication."""
     masters = full_fp32_masters(optimizer)
-    parts = [(t, masters[id(t.param)].view(-1), 0) for t in targets]
+    parts = [(target, masters[id(target.param)].view(-1), 0) for target in targets]
     norms, _, pieces = _local_norms(parts, targets[-1].span.stop, None, parts[0][1].device, reduce=False)
     _divide(norms, pieces)
-    torch._foreach_copy_([t.param.data for t in targets], [masters[id(t.param)] for t in targets])
+    torch._foreach_copy_([target.param.data for target in targets], [masters[id(target.param)] for target in targets])
     return 0
 
 
 def _renorm_weights(targets: list[_Target]) -> int:
     """ZeRO 0 in fp32: the optimizer updates the (whole) weights themselves."""
-    parts = [_full(t) for t in targets]
+    parts = [_full(target) for target in targets]
     norms, _, pieces = _local_norms(parts, targets[-1].span.stop, None, parts[0][1].device, reduce=False)
     _divide(norms, pieces)
     return 0

@@ -244,13 +244,13 @@ def zero_collectives(stage: int, micro: int, params: int, persistent: int, wb: i
 
 def communication(run: RunConfig, c: Cluster, params: int, persistent: int, wb: int = 2) -> dict:
     """Payload bytes per GPU per optimizer step, and wire bytes per GPU (ring algorithms) with the link used."""
-    m, t = run.model, run.train
-    micro = t.gradient_accumulation_steps // c.dp
-    act = t.batch_size * m.block_size * m.n_embd * wb  # one [B, T, d] activation
+    m, train_cfg = run.model, run.train
+    micro = train_cfg.gradient_accumulation_steps // c.dp
+    act = train_cfg.batch_size * m.block_size * m.n_embd * wb  # one [B, T, d] activation
     tp = {"payload": 0, "wire": 0.0}
     if c.tp > 1:  # per micro batch: blocks 2 forward (+2 recomputed) + 5 backward, embedding, head, loss
         per_block = 2 + 5 + (2 if c.activation_checkpointing else 0)
-        payload = micro * ((per_block * m.n_layer + 2) * act + 3 * t.batch_size * m.block_size * 4)
+        payload = micro * ((per_block * m.n_layer + 2) * act + 3 * train_cfg.batch_size * m.block_size * 4)
         tp = {"payload": payload, "wire": payload * 2 * (c.tp - 1) / c.tp, "collective": "all-reduce",
               "link": "intra-node"}
     n = c.dp
@@ -269,14 +269,14 @@ def seconds(nbytes: float, link: str, c: Cluster) -> float:
     return nbytes / ((c.inter_gbs if link == "inter-node" else c.intra_gbs) * 1e9)
 
 
-def plan(run: RunConfig, c: Cluster) -> dict:
+def capacity(run: RunConfig, c: Cluster) -> dict:
     """Every figure of the plan as a dict (the CLI prints it; tests and the README table read it)."""
     import torch
 
     from letngpt.model import build_model
 
     check(run, c)
-    m, t = run.model, run.train
+    m, train_cfg = run.model, run.train
     params = local_params(m, c.tp)
     with torch.device("meta"):
         sizes = [p.numel() // c.tp for p in build_model(m).parameters()]
@@ -285,7 +285,7 @@ def plan(run: RunConfig, c: Cluster) -> dict:
     acts = activations(run, c)
     need = states["total"] + acts["total"] + c.overhead_gib * GiB
     capacity = GPUS[c.gpu][0] * GiB
-    tokens = t.batch_size * m.block_size * t.gradient_accumulation_steps
+    tokens = train_cfg.batch_size * m.block_size * train_cfg.gradient_accumulation_steps
     recompute = 4 / 3 if c.activation_checkpointing else 1.0  # one more forward per step
     flops = flops_per_token(m) * tokens * recompute
     peak = PEAK_TFLOPS[GPUS[c.gpu][1]] * 1e12
@@ -298,7 +298,7 @@ def plan(run: RunConfig, c: Cluster) -> dict:
             "memory_needed": int(need), "memory_capacity": capacity, "fits": need <= capacity,
             "flops_per_step": flops, "compute_s": compute_s, "comm": comm, "comm_s": comm_s, "step_s": step_s,
             "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
-            "hours_to_max_iters": step_s * t.max_iters / 3600, "max_iters": t.max_iters,
+            "hours_to_max_iters": step_s * train_cfg.max_iters / 3600, "max_iters": train_cfg.max_iters,
             "peak_tflops": peak / 1e12}
 
 
@@ -306,7 +306,7 @@ def _gb(n: float) -> str:
     return f"{n / GiB:,.2f} GiB"
 
 
-def format_plan(p: dict) -> str:
+def format_capacity(p: dict) -> str:
     """The plan as lines of `quantity: value   [assumption / source]`."""
     c, st, act, comm = p["cluster"], p["model_states"], p["activations"], p["comm"]
     per_block = act["per_token_block_bytes"]["split"] + act["per_token_block_bytes"]["whole"]
@@ -366,12 +366,12 @@ def table(gpu: str = "H100-80GB", zero_stage: int = 1) -> str:
                 c = Cluster(nodes, 8, tp, zero_stage, gpu)
                 label = f"| {name} | {nodes} x 8 | {tp} x {c.dp} |"
                 try:
-                    p = plan(get_config(name), c)
+                    p = capacity(get_config(name), c)
                 except ConfigError as e:
                     rows.append(f"{label} {e} ||||||")
                     continue
                 if not p["fits"]:  # the remedy the planner suggests first
-                    p = plan(get_config(name), dataclasses.replace(c, activation_checkpointing=True))
+                    p = capacity(get_config(name), dataclasses.replace(c, activation_checkpointing=True))
                 ckpt = " (ckpt)" if p["cluster"]["activation_checkpointing"] else ""
                 rows.append(f"{label} {p['model_states']['total'] / GiB:.1f} | {p['activations']['total'] / GiB:.1f}"
                             f"{ckpt} | {'yes' if p['fits'] else 'no'} | {p['step_s']:.2f} | {p['tokens_per_s']:,.0f} | "
@@ -431,11 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run, cluster = parse_args(argv)
-        p = plan(run, cluster)
+        p = capacity(run, cluster)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_plan(p))
+    print(format_capacity(p))
     if not p["fits"]:
         print(f"error: does not fit: needs {_gb(p['memory_needed'])} of {_gb(p['memory_capacity'])} per GPU; try "
               "--activation_checkpointing, a higher --zero_stage or --tp", file=sys.stderr)

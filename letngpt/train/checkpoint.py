@@ -31,6 +31,7 @@ import torch.distributed as dist
 from letngpt.config import ConfigError
 from letngpt.errors import CheckpointError
 from letngpt.fsutil import atomic_write_text, free_space
+from letngpt.model.model import REMOVED_PARAMS  # the one compatibility shim lives with the model
 
 log = logging.getLogger("letngpt")
 MARKER = "latest_complete"
@@ -41,9 +42,6 @@ INCOMPLETE = "no manifest (the save did not finish)"
 KEEP_SKIPPED = 2  # set-aside checkpoints kept for a person to inspect; older ones are deleted
 _TAG = re.compile(r"^step_(\d{8,})$")
 _SKIPPED = re.compile(r"^step_(\d{8,})\.skipped$")
-# Parameters older versions had and this one dropped: the ensemble scale s of w_m = tanh(r_m) * s
-# (inert, because the head norm removes any overall scale of the mix).
-REMOVED_PARAMS = ("ensemble_scale",)
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -187,14 +185,14 @@ def step_tags(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted((p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)),
-                  key=lambda t: int(_TAG.match(t).group(1)))
+                  key=lambda tag: int(_TAG.match(tag).group(1)))
 
 
 def prune(root: Path, *, keep: int, protect: str) -> None:
     """Delete all but the newest `keep` complete checkpoints, never the protected one (the one
     just written and verified), and half-written leftovers older than it."""
     tags = step_tags(root)
-    complete = [t for t in tags if is_complete(root / t)]
+    complete = [tag for tag in tags if is_complete(root / tag)]
     protect_step = int(_TAG.match(protect).group(1))
     for tag in complete[:-keep]:
         if tag != protect:

@@ -136,17 +136,18 @@ def check_same_architecture(saved: dict, run: RunConfig, tag: str) -> None:
 
 def plan_resume(run: RunConfig, out_dir: Path, info: DistInfo) -> tuple[str | None, dict | None]:
     """Collective. The checkpoint to resume from (newest that verifies) and its state, or none."""
-    t = run.train
+    train_cfg = run.train
     has_any = bool(checkpoint.step_tags(checkpoint.checkpoint_dir(out_dir)))
-    if t.init_from == "scratch" and has_any:
+    if train_cfg.init_from == "scratch" and has_any:
         raise ConfigError(f"init_from=scratch but {out_dir} already holds checkpoints; "
                           "use --init_from=resume or another --out_dir")
     tag, skipped = checkpoint.find_verified(out_dir) if has_any else (None, [])
     # Saves that never finished, with nothing older: set aside, and start as if they were absent.
-    fresh_start = tag is None and t.init_from == "auto" and checkpoint.only_incomplete(skipped)
-    if tag is None and not fresh_start and (t.init_from == "resume" or skipped):
+    fresh_start = tag is None and train_cfg.init_from == "auto" and checkpoint.only_incomplete(skipped)
+    if tag is None and not fresh_start and (train_cfg.init_from == "resume" or skipped):
         detail = f": {'; '.join(skipped)}" if skipped else ""
-        raise ConfigError(f"init_from={t.init_from} but {out_dir} holds no complete checkpoint that verifies{detail}")
+        raise ConfigError(f"init_from={train_cfg.init_from} but {out_dir} holds no complete checkpoint that "
+                          f"verifies{detail}")
     if skipped:
         on_rank0(lambda: checkpoint.set_aside(out_dir, skipped, tag), is_main=info.is_main)
     if tag is None:
@@ -161,10 +162,10 @@ def plan_resume(run: RunConfig, out_dir: Path, info: DistInfo) -> tuple[str | No
 def maybe_reshard(out_dir: Path, tag: str | None, saved: dict | None, run: RunConfig, dp_size: int,
                   is_main: bool) -> tuple[str | None, bool]:
     """A checkpoint saved at another data-parallel size goes through DeepSpeed's universal format."""
-    t = run.train
+    train_cfg = run.train
     if not saved or saved.get("dp_size", dp_size) == dp_size:
         return tag, False
-    if t.zero_stage not in (1, 2) or t.tp != 1 or saved.get("tp", 1) != 1:
+    if train_cfg.zero_stage not in (1, 2) or train_cfg.tp != 1 or saved.get("tp", 1) != 1:
         raise ConfigError(f"checkpoint {tag} was saved at data-parallel size {saved['dp_size']}; resuming at "
                           f"{dp_size} works at ZeRO 1 or 2 without tensor parallelism")
     log.info("checkpoint %s has data-parallel size %d, this run %d: converting to a universal checkpoint",
@@ -222,14 +223,14 @@ def build_model_engine(run: RunConfig, info: DistInfo, layout: ParallelLayout, r
 
 def start_tracker(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path, ds_config: dict,
                   state: dict | None) -> Tracker:
-    t = run.train
-    tracker = Tracker(out_dir, enabled=info.is_main, tracking_uri=t.tracking_uri or None,
-                      experiment=t.experiment, run_name=run.name)
+    train_cfg = run.train
+    tracker = Tracker(out_dir, enabled=info.is_main, tracking_uri=train_cfg.tracking_uri or None,
+                      experiment=train_cfg.experiment, run_name=run.name)
     tracker.start(run_id=state.get("tracking_run_id") if state else None,
                   params={"config": run.to_dict(), "ds": ds_config},
-                  tags={"preset": run.name, "world_size": info.world_size, "dp_size": layout.dp_size, "tp": t.tp,
+                  tags={"preset": run.name, "world_size": info.world_size, "dp_size": layout.dp_size, "tp": layout.tp,
                         "device": info.device.type, "git_commit": git_commit() or "unknown", **slurm_ids(),
-                        **({"mlflow.parentRunId": t.parent_run_id} if t.parent_run_id else {})})
+                        **({"mlflow.parentRunId": train_cfg.parent_run_id} if train_cfg.parent_run_id else {})})
     if state:
         tracker.drop_metrics_after(state["step"])  # values of steps this launch redoes
     return tracker
@@ -238,19 +239,21 @@ def start_tracker(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_di
 def log_what_runs(run: RunConfig, device: torch.device) -> None:
     """Rank 0's first lines: the attention kernel and why, and what --compile will do to the first step
     (every rank decides alike, so attn_backend=flash where it cannot run stops every rank)."""
-    t = run.train
-    log.info("%s", attention_choice(run.model.attn_backend, device, resolve_dtype(t, device), t.compile))
-    if t.compile:
-        log.info("%s", compile_notice(run.model.n_layer, device, t.zero_stage))
+    train_cfg = run.train
+    dtype = resolve_dtype(train_cfg, device)
+    log.info("%s", attention_choice(run.model.attn_backend, device, dtype, train_cfg.compile))
+    if train_cfg.compile:
+        log.info("%s", compile_notice(run.model.n_layer, device, train_cfg.zero_stage))
 
 
 def build_job(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path) -> Job:
     """Data, resume plan, model, engine, tracker: everything before the first step."""
-    t = run.train
-    renorm = Renormalizer(run, resolve_dtype(t, info.device), layout.dp_group)  # refuses naive x ZeRO 0 x bf16 first
+    train_cfg = run.train
+    # first: it refuses renorm=naive at ZeRO 0 in bf16 before any data or engine is touched
+    renorm = Renormalizer(run, resolve_dtype(train_cfg, info.device), layout.dp_group)
     train_data, val_data = prepare_data(run, info)
     tag, saved = plan_resume(run, out_dir, info)
-    if saved and saved["step"] >= t.max_iters:
+    if saved and saved["step"] >= train_cfg.max_iters:
         raise AlreadyFinished(saved["step"])
     load_tag, reshard = maybe_reshard(out_dir, tag, saved, run, layout.dp_size, info.is_main)
     log_what_runs(run, info.device)
@@ -263,7 +266,7 @@ def build_job(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: P
         (out_dir / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2))
         (out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     tracker = start_tracker(run, info, layout, out_dir, ds_config, state)
-    guard = NonFiniteGuard(engine.module, info.device, t.max_nonfinite_steps)
+    guard = NonFiniteGuard(engine.module, info.device, train_cfg.max_nonfinite_steps)
     return Job(run=run, info=info, layout=layout, out_dir=out_dir, engine=engine, optimizer=optimizer, guard=guard,
                tracker=tracker, train_data=train_data, val_data=val_data, renorm=renorm,
                step=state["step"] if state else 0, wall_before=state.get("wall_time", 0.0) if state else 0.0)
@@ -332,9 +335,9 @@ def train_step(engine, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, 
 
 def job_micro_batch(job: Job, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Micro batch `micro` of this rank for the job's next step, on the device."""
-    t, device = job.run.train, job.info.device
-    x, y = get_batch(job.train_data, seed=t.seed, step=job.step, micro_step=micro, dp_rank=job.layout.dp_rank,
-                     dp_size=job.layout.dp_size, micro_batch=t.batch_size, block_size=job.run.model.block_size,
+    train_cfg, device = job.run.train, job.info.device
+    x, y = get_batch(job.train_data, seed=train_cfg.seed, step=job.step, micro_step=micro, dp_rank=job.layout.dp_rank,
+                     dp_size=job.layout.dp_size, micro_batch=train_cfg.batch_size, block_size=job.run.model.block_size,
                      grad_accum=job.layout.accum)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
@@ -356,7 +359,7 @@ def log_step(job: Job, writer: MetricsWriter, lr: float, loss_sum: torch.Tensor,
              skipped: bool) -> None:
     """One line (and one metrics record): step, loss, lr, grad norm, tokens/s over the window, MFU
     on GPU, peak memory, tokens seen and an ETA."""
-    info, t = job.info, job.run.train
+    info, train_cfg = job.info, job.run.train
     train_loss = all_reduce_mean(loss_sum.item() / job.layout.accum, info.device)
     grad_norm = job.engine.get_global_grad_norm()
     grad_norm = local_grad_norm if grad_norm is None else grad_norm
@@ -366,10 +369,11 @@ def log_step(job: Job, writer: MetricsWriter, lr: float, loss_sum: torch.Tensor,
                 "tokens_per_s": tok_s, "step_time_s": step_time, "memory_mb": memory_mb(info.device),
                 "tokens_seen": float(job.step * job.tokens_per_step), "eta_s": eta,
                 "renorm_bytes": float(job.renorm.bytes_last_step), "skipped_steps": float(job.guard.skipped)}
-    util = mfu(job.run.model, tok_s, info.world_size, info.device, t.peak_tflops)
+    util = mfu(job.run.model, tok_s, info.world_size, info.device, train_cfg.peak_tflops)
     if util is not None:
         job.last["mfu"] = util
-    line = (f"step {job.step}/{t.max_iters}: loss {train_loss:.4f} lr {lr:.2e} grad {float(grad_norm or 0.0):.3f} | "
+    line = (f"step {job.step}/{train_cfg.max_iters}: loss {train_loss:.4f} lr {lr:.2e} "
+            f"grad {float(grad_norm or 0.0):.3f} | "
             f"{tok_s:.0f} tok/s {step_time:.3f}s/step{f' mfu {util:.1%}' if util is not None else ''} | "
             f"peak mem {job.last['memory_mb']:.0f} MB | {job.last['tokens_seen'] / 1e6:.2f}M tokens | "
             f"eta {format_duration(eta)}{' (skipped: non-finite)' if skipped else ''}")
@@ -378,12 +382,13 @@ def log_step(job: Job, writer: MetricsWriter, lr: float, loss_sum: torch.Tensor,
 
 def should_stop(job: Job, stop: StopFlag, start_step: int) -> str | None:
     """Collective: the reason to stop after this step (signal, time limit, launch budget), or None."""
-    t = job.run.train
+    train_cfg = job.run.train
     reason = stop.reason
     elapsed = time.time() - job.launch_start
-    if t.time_limit_seconds and elapsed + 2 * job.timer.mean + job.timer.save_time > t.time_limit_seconds:
+    limit = train_cfg.time_limit_seconds
+    if limit and elapsed + 2 * job.timer.mean + job.timer.save_time > limit:
         reason = reason or "time_limit_seconds"
-    if t.max_iters_per_launch and job.step - start_step >= t.max_iters_per_launch:
+    if train_cfg.max_iters_per_launch and job.step - start_step >= train_cfg.max_iters_per_launch:
         reason = reason or "max_iters_per_launch"
     if all_reduce_max(reason is not None, job.info.device) == 0:
         return None
@@ -392,29 +397,29 @@ def should_stop(job: Job, stop: StopFlag, start_step: int) -> str | None:
 
 def save_checkpoint(job: Job) -> None:
     """Collective. Only finite weights are ever saved; the previous good checkpoint stays."""
-    t = job.run.train
+    train_cfg = job.run.train
     if not weights_finite(job.engine.module):
         raise DivergedError(f"the weights became non-finite by step {job.step}; no checkpoint written (the last "
                             f"good one stays). Lower --learning_rate and resume")
     save_start = time.time()
     checkpoint.save(job.engine, job.out_dir, job.step, {
         "step": job.step, "tracking_run_id": job.tracker.run_id, "config": job.run.to_dict(),
-        "dp_size": job.layout.dp_size, "tp": t.tp, "zero_stage": job.engine.zero_optimization_stage(),
+        "dp_size": job.layout.dp_size, "tp": train_cfg.tp, "zero_stage": job.engine.zero_optimization_stage(),
         "wall_time": job.wall_before + time.time() - job.launch_start,
-    }, keep=t.keep_checkpoints, is_main=job.info.is_main)
+    }, keep=train_cfg.keep_checkpoints, is_main=job.info.is_main)
     job.timer.save_time = time.time() - save_start
 
 
 def step_once(job: Job, writer: MetricsWriter, stop: StopFlag, start_step: int) -> str | None:
     """Evaluate when due, train one step, log, checkpoint when due.
     Returns the reason to stop (after a checkpoint), or None to go on."""
-    t = job.run.train
-    if job.step % t.eval_interval == 0:
+    train_cfg = job.run.train
+    if job.step % train_cfg.eval_interval == 0:
         run_eval(job, writer)
-    lr = lr_at(job.step, t)
+    lr = lr_at(job.step, train_cfg)
     set_lr(job.engine, lr)
     job.timer.start()
-    logging_step = (job.step + 1) % t.log_interval == 0 or job.step + 1 == t.max_iters
+    logging_step = (job.step + 1) % train_cfg.log_interval == 0 or job.step + 1 == train_cfg.max_iters
     loss_sum, local_grad_norm, applied = train_step(job.engine, job.optimizer, job.guard, job.renorm,
                                                     partial(job_micro_batch, job), job.layout.accum,
                                                     step=job.step + 1, logging_step=logging_step)
@@ -422,10 +427,10 @@ def step_once(job: Job, writer: MetricsWriter, stop: StopFlag, start_step: int) 
     job.throughput.add(job.timer.stop(job.info.device))
     if logging_step:
         log_step(job, writer, lr, loss_sum, local_grad_norm, not applied)
-    if job.step % t.track_interval == 0:
+    if job.step % train_cfg.track_interval == 0:
         writer.write("model", job.step, model_stats(job.engine))
     reason = should_stop(job, stop, start_step)
-    if reason or job.step % t.checkpoint_interval == 0 or job.step == t.max_iters:
+    if reason or job.step % train_cfg.checkpoint_interval == 0 or job.step == train_cfg.max_iters:
         save_checkpoint(job)
     return reason
 
@@ -444,11 +449,11 @@ def open_metrics(job: Job) -> MetricsWriter:
 
 def loop(job: Job, stop: StopFlag) -> str:
     """Steps until max_iters or a clean stop; returns the stop reason."""
-    t, start_step = job.run.train, job.step
-    bar = progress_bar(job.info.is_main, job.step, t.max_iters)
+    train_cfg, start_step = job.run.train, job.step
+    bar = progress_bar(job.info.is_main, job.step, train_cfg.max_iters)
     writer = open_metrics(job)
     try:
-        while job.step < t.max_iters:
+        while job.step < train_cfg.max_iters:
             reason = step_once(job, writer, stop, start_step)
             if bar is not None:
                 bar.update(1)
