@@ -8,7 +8,7 @@
 
 Needs torch, DeepSpeed and this repository (no MLflow, tiktoken, network; gpu_check.sh brings
 DeepSpeed from .whl/ where it is missing). Each preset runs as in training, on one GPU: the
-trainer's own step (bench.steps.StepRunner: DeepSpeed bf16 at ZeRO 1, fused AdamW, the post-step
+trainer's own step (bench.steps.StepRunner: DeepSpeed bf16 at ZeRO 1, fused AdamW, train_step's
 renormalisation for nGPT variants) at the preset's micro batch (8 at 1k, 2 at 4k); `--warmup` untimed
 steps, then up to `--steps` timed ones while the stage's time budget lasts (measured from the
 start of the process, so imports and model building count against it).

@@ -152,8 +152,8 @@ def measure(args: argparse.Namespace, log=print) -> dict:
         "settings": {"steps": args.steps, "warmup": args.warmup, "interleaved": not args.sequential,
                      "grad_clip": args.grad_clip, "maps": maps, "memory_steps": args.memory_steps,
                      "compile": args.compile, "activation_checkpointing": args.activation_checkpointing,
-                     "step": "letngpt.train.trainer.train_step on a DeepSpeed engine, then the post-step hook "
-                             "(renormalisation)",
+                     "step": "letngpt.train.trainer.train_step on a DeepSpeed engine (its last stage: the "
+                             "renormalisation)",
                      "tokens_per_s": "batch_size*seq_len / median step time",
                      "memory": "one fresh process per variant; GPU: torch.cuda.max_memory_allocated; "
                                "CPU: peak RSS (VmHWM) minus RSS after imports and a micro warm-up step"},
@@ -232,7 +232,7 @@ def tables(report: dict) -> str:
     s = report["settings"]
     parts = [format_table(head, rows),
              f"step ms: median of {s['steps']} {'interleaved' if s['interleaved'] else 'sequential'} steps "
-             f"(phases: medians); x GPT / x nGPT: step time ratio; renorm %: median post-step renormalisation "
+             f"(phases: medians); x GPT / x nGPT: step time ratio; renorm %: median renormalisation "
              f"time over "
              f"median step time; TFLOP/s: model FLOPs (letngpt.model.flops, all maps) per second; "
              f"peak MB: {s['memory']}."]

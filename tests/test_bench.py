@@ -89,7 +89,7 @@ def test_sizes_follow_the_presets():
 
 def test_step_runner_is_the_trainers_step():
     """bench times the trainer's own step: a DeepSpeed engine that applies every step (a fixed batch's
-    loss falls), the post-step hook that puts nGPT's matrices back on the unit sphere, and the
+    loss falls), the renormalisation stage that puts nGPT's matrices back on the unit sphere, and the
     forward+backward / optimizer / renormalisation phases that add up to the step."""
     cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, use_ngpt=True)
     runner = steps.StepRunner("nGPT", cfg, 2, CPU, torch.float32, lr=1e-2)
