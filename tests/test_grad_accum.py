@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import check_ok, run_train
+from helpers import check_ok, run_train
 
 from letngpt.config import ConfigError, TrainConfig
 from letngpt.train.engine import build_ds_config
