@@ -26,7 +26,6 @@ import torch.distributed as dist
 
 from letngpt.parallel.comm_counter import CommCounter
 
-ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
