@@ -5,8 +5,9 @@ and bytes communicated, from ONE run on CPU ranks (gloo).
     torchrun --standalone --nproc_per_node 2 -m bench.renorm --stages 3 --n_layer 8 --out out/bench/renorm.json
 
 The engine is the trainer's (bench.steps.trainer_parts) and each timed step is the trainer's
-train_step: forward + backward + engine.step() (the "step"), then the collective method
-(letngpt.renorm.collective.collective_renormalize_), then the naive one (letngpt.renorm: gather every
+train_step with its renormalisation stage left empty: forward + backward + engine.step() (the "step");
+then that stage on its own, the trainer's collective method (letngpt.renorm.Renormalizer over
+collective_renormalize_), then the naive one (letngpt.renorm: gather every
 full fp32 matrix, normalise, write back), each phase between barriers so that it is timed as the
 slowest rank sees it. Both methods leave the same weights, so running both every step changes
 nothing but time. Bytes are counted by wrapping torch.distributed's collectives (and DeepSpeed's
@@ -83,7 +84,6 @@ def count_ops(fn) -> dict:
 def bench_stage(stage: int, args: argparse.Namespace, info: DistInfo) -> dict:
     from bench.steps import trainer_parts
     from letngpt.config import ModelConfig, RunConfig, TrainConfig
-    from letngpt.renorm.collective import collective_renormalize_
     from letngpt.renorm.naive import renormalize_engine_weights_
     from letngpt.train.trainer import train_step
 
@@ -99,8 +99,9 @@ def bench_stage(stage: int, args: argparse.Namespace, info: DistInfo) -> dict:
 
     def step():
         x = torch.randint(cfg.vocab_size, (args.batch_size, cfg.block_size + 1), generator=gen)
-        train_step(engine, parts.optimizer, parts.guard, lambda _micro: (x[:, :-1], x[:, 1:]), parts.accum,
-                   step=next(numbers), logging_step=False)
+        # the renormalisation stage is left empty here: both methods are timed on their own below
+        train_step(engine, parts.optimizer, parts.guard, lambda _engine: None, lambda _micro: (x[:, :-1], x[:, 1:]),
+                   parts.layout.accum, step=next(numbers), logging_step=False)
 
     def counted(method):
         with CommCounter() as c:
@@ -111,13 +112,13 @@ def bench_stage(stage: int, args: argparse.Namespace, info: DistInfo) -> dict:
     nbytes = {}
     for i in range(args.warmup + args.steps):
         t_step, _ = _timed(step)
-        t_coll, nbytes["collective"] = _timed(lambda: counted(collective_renormalize_))
+        t_coll, nbytes["collective"] = _timed(lambda: counted(parts.renorm))  # the trainer's: collective
         t_naive, nbytes["naive"] = _timed(lambda: counted(renormalize_engine_weights_)) if naive else (float("nan"), 0)
         if i >= args.warmup:
             for key, t in (("step", t_step), ("collective", t_coll), ("naive", t_naive)):
                 rows[key].append(t)
     dist.barrier()
-    ops = count_ops(lambda: collective_renormalize_(engine))
+    ops = count_ops(lambda: parts.renorm(engine))
     dist.barrier()
     med = {k: statistics.median(v) for k, v in rows.items()}
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())

@@ -17,8 +17,8 @@ from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.model.flops import flops_per_token
 from letngpt.parallel.distributed import DistInfo, init_distributed
 from letngpt.parallel.layout import ParallelLayout, build_layout
-from letngpt.renorm import PostStepHook
-from letngpt.train.engine import per_rank_accumulation, resolve_dtype
+from letngpt.renorm import Renormalizer
+from letngpt.train.engine import resolve_dtype
 from letngpt.train.guard import NonFiniteGuard
 from letngpt.train.metrics import device_peak_tflops
 from letngpt.train.trainer import build_model_engine, train_step
@@ -36,28 +36,27 @@ class TrainerParts:
     ds_config: dict
     optimizer: torch.optim.Optimizer
     guard: NonFiniteGuard
-    post_step: PostStepHook
-    accum: int  # micro batches per optimizer step on this rank
+    renorm: Renormalizer  # train_step's last stage
 
 
 def trainer_parts(run: RunConfig, info: DistInfo, world: int | None = None, rank: int | None = None) -> TrainerParts:
-    """The layout, model, engine, non-finite guard and post-step hook as the trainer builds them
+    """The layout, model, engine, non-finite guard and renormaliser as the trainer builds them
     (letngpt.train.trainer.build_job), over `world` ranks (default: all of them); initial weights
     from run.train.seed. Benchmarks and the tests' workers step them with trainer.train_step."""
-    post_step = PostStepHook(run, resolve_dtype(run.train, info.device))  # validates the method first
     layout = build_layout(run, info.world_size if world is None else world, info.rank if rank is None else rank)
+    renorm = Renormalizer(run, resolve_dtype(run.train, info.device), layout.dp_group)
     engine, ds_config, optimizer = build_model_engine(run, info, layout, reshard=False)
     guard = NonFiniteGuard(engine.module, info.device, run.train.max_nonfinite_steps)
     return TrainerParts(run=run, layout=layout, engine=engine, ds_config=ds_config, optimizer=optimizer, guard=guard,
-                        post_step=post_step, accum=per_rank_accumulation(run.train, layout.dp_size))
+                        renorm=renorm)
 
 
 class StepRunner:
     """The trainer's own step on one fixed random batch: the model and DeepSpeed engine built by
     `trainer.build_model_engine` (a world of one, ZeRO and dtype as a one-process training run
-    has them), the non-finite guard, `trainer.train_step` and the post-step hook (renormalisation).
+    has them), the non-finite guard and `trainer.train_step`, whose last stage is the renormalisation.
     `step()` runs and times one step by phase: forward+backward, optimizer (DeepSpeed's step,
-    found by wrapping `engine.step`), renormalisation."""
+    found by wrapping `engine.step`), renormalisation (found by wrapping the renormaliser)."""
 
     def __init__(self, name: str, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
                  *, seed: int = 0, lr: float = 1e-4, grad_clip: float = 0.0, compile: bool = False,
@@ -71,7 +70,7 @@ class StepRunner:
         info = init_distributed(str(device))
         # A world of one, or of `tp` ranks that all see the same batch (bench.tp_compile).
         parts = trainer_parts(run, info, *((None, None) if tp > 1 else (1, 0)))
-        self.engine, self.opt, self.guard, self.post_step = parts.engine, parts.optimizer, parts.guard, parts.post_step
+        self.engine, self.opt, self.guard, self.renorm = parts.engine, parts.optimizer, parts.guard, parts.renorm
         self.model = self.engine.module
         if linears_outside_graph:
             megatron_forward_outside_graph_(self.model)
@@ -94,19 +93,24 @@ class StepRunner:
             return engine_step(*args, **kwargs)
 
         self.engine.step = timed_engine_step
+        self._optimizer_done = 0.0
+
+    def timed_renorm(self, engine) -> None:
+        """The renormalisation stage of train_step, its start marked (the optimizer / renorm boundary)."""
+        sync(self.device)
+        self._optimizer_done = time.perf_counter()
+        self.renorm(engine)
 
     def step(self) -> dict[str, float]:
         sync(self.device)
         t0 = time.perf_counter()
-        loss, _, applied = train_step(self.engine, self.opt, self.guard, lambda micro: (self.x, self.y), 1,
-                                      step=self.steps_done + 1, logging_step=False)
+        loss, _, applied = train_step(self.engine, self.opt, self.guard, self.timed_renorm,
+                                      lambda micro: (self.x, self.y), 1, step=self.steps_done + 1, logging_step=False)
         sync(self.device)
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
         self.steps_done += 1
-        self.last_applied = applied  # False: the non-finite guard skipped the step
-        self.post_step(self.engine, self.steps_done, applied)
-        sync(self.device)
-        t3 = time.perf_counter() if self.cfg.use_ngpt else t2  # GPT has no renormalisation: 0, not noise
+        self.last_applied = applied  # False: the non-finite guard skipped the step (and the renormalisation)
+        t2 = self._optimizer_done if applied and self.cfg.use_ngpt else t3  # GPT has no renormalisation: 0
         self._loss = loss
         t1 = self._backward_done
         return {"fwdbwd": t1 - t0, "optim": t2 - t1, "renorm": t3 - t2, "total": t3 - t0}
@@ -115,15 +119,15 @@ class StepRunner:
         return float("nan") if self._loss is None else float(self._loss)
 
     def time_renorm(self, reps: int = 10) -> float | None:
-        """Seconds per renormalisation of the engine (the post-step hook's method), back to back
+        """Seconds per renormalisation of the engine (train_step's last stage), back to back
         (None for GPT: nothing to do)."""
         if not self.cfg.use_ngpt:
             return None
-        self.post_step.renormalize(self.engine)
+        self.renorm(self.engine)
         sync(self.device)
         t0 = time.perf_counter()
         for _ in range(reps):
-            self.post_step.renormalize(self.engine)
+            self.renorm(self.engine)
         sync(self.device)
         return (time.perf_counter() - t0) / reps
 

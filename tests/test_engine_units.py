@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from letngpt.config import ConfigError, ModelConfig, TrainConfig
+from letngpt.config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from letngpt.model import build_model
+from letngpt.parallel.layout import ParallelLayout, build_layout
 from letngpt.train.engine import build_ds_config, param_groups
 from letngpt.train.metrics import model_stats, plain_grad_norm
 from letngpt.train.schedule import lr_at
@@ -31,25 +32,32 @@ def test_lr_schedule_warmup_cosine_floor():
     assert all(a >= b for a, b in zip(lrs[:-1], lrs[1:], strict=True)) and lrs[-1] > 0  # monotone to min_lr 0
 
 
+def dp_layout(train: TrainConfig, dp: int) -> ParallelLayout:
+    """The layout of `dp` data-parallel ranks (no TP needs no process group), as the trainer builds it."""
+    return build_layout(RunConfig(train=train), world=dp, rank=0)
+
+
 def test_ds_config_merge(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True},
                                 "optimizer": {"type": "Adam"}, "scheduler": {"type": "WarmupLR"},
                                 "train_batch_size": 999}))
     t = TrainConfig(batch_size=4, gradient_accumulation_steps=8, grad_clip=0.5, ds_config=str(user), zero_stage=1)
-    cfg = build_ds_config(t, dp_size=2, dtype=torch.bfloat16)
+    cfg = build_ds_config(t, dp_layout(t, 2), torch.bfloat16)
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) == (
         4, 4, 4 * 4 * 2)  # the run's numbers win: accumulation is per rank, the total over 2 ranks
     assert cfg["gradient_clipping"] == 0.5 and cfg["bf16"] == {"enabled": True} and not cfg["fp16"]["enabled"]
     assert cfg["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # the file's stage stays
     assert "optimizer" not in cfg and "scheduler" not in cfg  # ours: torch AdamW and lr_at
-    shipped = build_ds_config(TrainConfig(zero_stage=3, gradient_accumulation_steps=2), 1, torch.float32)
+    three = TrainConfig(zero_stage=3, gradient_accumulation_steps=2)
+    shipped = build_ds_config(three, dp_layout(three, 1), torch.float32)
     assert shipped["zero_optimization"]["stage"] == 3 and shipped["bf16"] == {"enabled": False}
     user.write_text("[1]")
     with pytest.raises(ConfigError, match="must hold a JSON object"):
-        build_ds_config(t, dp_size=2, dtype=torch.float32)
+        build_ds_config(t, dp_layout(t, 2), torch.float32)
     with pytest.raises(ConfigError, match="no such file"):
-        build_ds_config(TrainConfig(ds_config=str(tmp_path / "nope.json")), 1, torch.float32)
+        missing = TrainConfig(ds_config=str(tmp_path / "nope.json"))
+        build_ds_config(missing, dp_layout(missing, 1), torch.float32)
 
 
 def tiny_model(**kw) -> torch.nn.Module:

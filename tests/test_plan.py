@@ -115,7 +115,7 @@ def test_example_command_prints_every_figure(capsys):
     (["--config", "LETNGPT_1kctx_10k_lr30e-4", "--gpus_per_node", "6", "--tp", "3"],
      "error: n_head (8) must be divisible by tp (3)"),
     (["--config", "GPT_1kctx_10k_lr30e-4", "--nodes", "3", "--gpus_per_node", "1", "--tp", "2"],
-     "error: tp (2) must divide the number of GPUs (3)"),
+     "error: tp (2) must divide the number of processes (3)"),
     (["--config", "GPT_1kctx_10k_lr30e-4", "--nodes", "16"],
      "error: gradient_accumulation_steps (64) must be divisible by the data-parallel size (128"),
     # (LETNGPT_4kctx fits one A100-40GB at ZeRO 0 since unit() stopped keeping fp32 copies: 39.8 GiB.)

@@ -310,7 +310,9 @@ class LETnGPT(nn.Module):
 @torch.no_grad()
 def normalize_weights_(model: nn.Module) -> None:
     """Project every nGPT matrix back onto the unit sphere along its embedding axis (fp32
-    arithmetic, result cast back). Call after every optimizer step; no-op for GPT."""
+    arithmetic, result cast back); no-op for GPT. For a plain PyTorch model (the initial weights,
+    tests): under DeepSpeed the optimizer's fp32 masters overwrite the weights at the next step, so
+    there the renormalisation that counts is letngpt.renorm's, on the engine."""
     params = dict(model.named_parameters())
     for name, dim in model.unit_norm_axes().items():
         p = params[name]

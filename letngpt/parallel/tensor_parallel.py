@@ -2,7 +2,8 @@
 
 `parallelize_tp(model, tp)` swaps the model's layers for megatron-core's and keeps this
 rank's shard of every weight, copied from the full model, so a TP run starts from exactly
-the weights a TP=1 run with the same seed starts from. The layout:
+the weights a TP=1 run with the same seed starts from. The layout is data, TP_PLAN below
+(the planner counts a rank's parameters from the same table):
 
     column-parallel (split by output rows): attn.query / attn.key (rows [head, map, hd]:
         a split by heads keeps every map of a head on one rank), attn.value, mlp.fc_u,
@@ -10,8 +11,9 @@ the weights a TP=1 run with the same seed starts from. The layout:
     row-parallel (split by input columns): attn.proj, mlp.proj
     vocab-parallel: wte, and the loss (vocab_parallel_cross_entropy)
     sharded vectors follow their matrices: s_qk by heads, s_u / s_v with the MLP, s_z by vocab
-    replicated: alphas, norm gains, ensemble weights r_m and s, the head-norm gain. The last
-        three only see this rank's heads, so their gradients are summed over the TP group.
+    replicated: everything else (alphas, norm gains, the ensemble weights r_m, the head-norm
+        gain). The ensemble weights and the head-norm gain only see this rank's heads, so their
+        gradients are summed over the TP group (TP_GRAD_SUMMED).
 
 Every nGPT-normalised axis is the embedding axis, which this layout never shards, so
 renormalisation needs no TP communication (letngpt.renorm.collective checks this).
@@ -20,15 +22,38 @@ renormalisation needs no TP communication (letngpt.renorm.collective checks this
 from __future__ import annotations
 
 import functools
+from fnmatch import fnmatch
 
 import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 
-from letngpt.config import ConfigError, ModelConfig
 from letngpt.model import LETnGPT, ScaledVector
 from letngpt.parallel.distributed import all_reduce_
+
+# The TP layout: module name pattern -> how its weight is split. Modules not named are replicated.
+TP_PLAN: dict[str, str] = {
+    "wte": "vocab", "lm_head": "column", "s_z": "vector",
+    "blocks.*.attn.query": "column", "blocks.*.attn.key": "column", "blocks.*.attn.value": "column",
+    "blocks.*.attn.proj": "row", "blocks.*.attn.s_qk": "vector",
+    "blocks.*.mlp.fc_u": "column", "blocks.*.mlp.fc_v": "column", "blocks.*.mlp.proj": "row",
+    "blocks.*.mlp.s_u": "vector", "blocks.*.mlp.s_v": "vector",
+}
+SPLIT_DIM = {"vocab": 0, "column": 0, "row": 1, "vector": 0}  # the weight dimension each style splits
+# Replicated parameters that see only this rank's heads: their gradients are summed over the TP group.
+TP_GRAD_SUMMED = ("blocks.*.attn.ensemble_logits", "blocks.*.attn.head_norm.weight")
+
+
+def tp_style(module_name: str) -> str | None:
+    """How TP_PLAN splits the module `module_name` (None: replicated)."""
+    return next((style for pattern, style in TP_PLAN.items() if fnmatch(module_name, pattern)), None)
+
+
+def tp_split_dim(param_name: str) -> int | None:
+    """The dimension along which the parameter `param_name` is split over TP ranks (None: replicated)."""
+    style = tp_style(param_name.rpartition(".")[0])
+    return None if style is None else SPLIT_DIM[style]
 
 
 def initialize_tp(tp: int) -> None:
@@ -209,36 +234,21 @@ def _vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return vocab_parallel_cross_entropy(logits, targets).mean()
 
 
-def check_tp_layout(cfg: ModelConfig, tp: int) -> None:
-    """Heads, vocabulary and MLP width are split evenly, or not at all."""
-    for name, value in (("n_head", cfg.n_head), ("vocab_size", cfg.vocab_size),
-                        ("mlp hidden size", cfg.hidden_dim)):
-        if value % tp:
-            raise ConfigError(f"{name} ({value}) must be divisible by tp ({tp})")
-
-
 def parallelize_tp(model: LETnGPT, tp: int) -> LETnGPT:
-    """Shard `model` in place for this rank's TP group (letngpt.parallel.layout has validated the
-    layout with check_tp_layout and run initialize_tp)."""
-    cfg = model.config
+    """Shard `model` in place for this rank's TP group, as TP_PLAN says (letngpt.parallel.layout has
+    validated the layout and run initialize_tp)."""
     if tp == 1:
         return model
     config = _megatron_config(next(model.parameters()).dtype)
-    model.wte = _vocab_embedding(model.wte, config)
-    model.lm_head = _column(model.lm_head, config)
-    if cfg.use_ngpt:
-        _shard_vector_(model.s_z)
-    for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
-        attn.query, attn.key, attn.value = (_column(attn.query, config), _column(attn.key, config),
-                                            _column(attn.value, config))
-        attn.proj = _row(attn.proj, config)
-        mlp.fc_u, mlp.fc_v, mlp.proj = _column(mlp.fc_u, config), _column(mlp.fc_v, config), _row(mlp.proj, config)
-        if cfg.use_ngpt:
-            for vec in (attn.s_qk, mlp.s_u, mlp.s_v):
-                _shard_vector_(vec)
-        if attn.num_maps > 1:
-            for p in (attn.ensemble_logits, attn.head_norm.weight):
-                _sum_grad_over_tp(p)
+    swap = {"vocab": _vocab_embedding, "column": _column, "row": _row}
+    for name, module in list(model.named_modules()):
+        style = tp_style(name)
+        if style == "vector":
+            _shard_vector_(module)
+        elif style is not None:
+            model.set_submodule(name, swap[style](module, config))
+    for name, p in model.named_parameters():
+        if any(fnmatch(name, pattern) for pattern in TP_GRAD_SUMMED):
+            _sum_grad_over_tp(p)
     model.loss = _vocab_parallel_loss  # logits are split by vocabulary
     return model

@@ -19,7 +19,8 @@ every rank
 ZeRO 0 needs no communication: every rank holds whole matrices (the weights themselves in
 fp32; a full fp32 master copy under DeepSpeed's fp16/bf16 optimizer). All norms are in fp32.
 
-Call it on every rank after every applied step: `collective_renormalize_(engine)`.
+Call it on every rank of the DP group after every applied step: `collective_renormalize_(engine, dp_group)`
+(letngpt.renorm.Renormalizer does, with the layout's DP group).
 """
 
 from __future__ import annotations
@@ -298,19 +299,16 @@ def _renorm_weights(targets: list[_Target]) -> int:
 
 
 @torch.no_grad()
-def collective_renormalize_(engine, dp_group=None) -> int:
+def collective_renormalize_(engine, dp_group) -> int:
     """Project every nGPT matrix onto the unit sphere where DeepSpeed keeps it, after an applied
     optimizer step, at any ZeRO stage (method: module docstring). Collective under ZeRO 1-3:
-    every rank of the DP group must call it. `dp_group` defaults to the group the engine's
-    optimizer partitions over (under tensor parallelism the data-parallel subgroup, not WORLD).
-    Returns the bytes this rank sent into collectives (the all-reduce payload), 0 at ZeRO 0."""
+    every rank of the DP group must call it. `dp_group` is the layout's (ParallelLayout.dp_group: under
+    tensor parallelism the data-parallel subgroup, not WORLD); every normalised matrix must be
+    partitioned over it, which is checked. Returns the bytes this rank sent into collectives (the
+    all-reduce payload), 0 at ZeRO 0."""
     targets = _targets(engine.module)
     if not targets:
         return 0
-    if dp_group is None:
-        dp_group = getattr(engine.optimizer, "dp_process_group", None)
-    if dp_group is None:
-        dp_group = engine.seq_data_parallel_group  # DeepSpeed's ZeRO optimizers partition over this group
     device = engine.device
     if engine.zero_optimization_stage() == 3:
         return _renorm_zero3(engine, targets, dp_group, device)

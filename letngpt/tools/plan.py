@@ -28,13 +28,12 @@ from dataclasses import dataclass
 
 from letngpt.config import ConfigError, ModelConfig, RunConfig
 from letngpt.model.flops import PEAK_TFLOPS, flops_per_token
+from letngpt.parallel.layout import check_layout
 
 GiB = 1024**3
 # name -> (memory GiB, key into letngpt.model.flops.PEAK_TFLOPS: dense bf16)
 GPUS = {"H100-80GB": (80, "H100"), "H200-141GB": (141, "H200"), "A100-80GB": (80, "A100"),
         "A100-40GB": (40, "A100"), "B200-192GB": (192, "B200"), "L40S-48GB": (48, "L40S")}
-REPLICATED = ("attn_alpha.weight", "mlp_alpha.weight", "attn_norm.weight", "mlp_norm.weight",
-              "final_norm.weight", "ensemble_logits", "ensemble_scale", "head_norm.weight")
 
 
 class PlanError(ConfigError):
@@ -65,36 +64,31 @@ class Cluster:
 
 
 def check(run: RunConfig, c: Cluster) -> None:
-    """Every combination that cannot run, in one line."""
-    from letngpt.parallel.tensor_parallel import check_tp_layout
-
+    """Every combination that cannot run, in one line: the cluster's own limits here, the layout's rules
+    (letngpt.parallel.layout, the trainer's) for this cluster's world and nodes."""
     if c.gpu not in GPUS:
         raise PlanError(f"unknown --gpu {c.gpu!r}; one of {', '.join(GPUS)}")
     if min(c.nodes, c.gpus_per_node, c.tp) < 1 or not 0 < c.mfu <= 1:
         raise PlanError("--nodes, --gpus_per_node and --tp must be >= 1 and --mfu in (0, 1]")
     if c.zero_stage not in (0, 1, 2, 3):
         raise PlanError(f"--zero_stage ({c.zero_stage}) must be 0, 1, 2 or 3")
-    if c.world % c.tp:
-        raise PlanError(f"tp ({c.tp}) must divide the number of GPUs ({c.world})")
-    if c.gpus_per_node % c.tp:
-        raise PlanError(f"tp ({c.tp}) must divide gpus_per_node ({c.gpus_per_node}): a TP group stays on NVLink")
-    check_tp_layout(run.model, c.tp)
-    accum = run.train.gradient_accumulation_steps
-    if accum % c.dp:
-        raise PlanError(f"gradient_accumulation_steps ({accum}) must be divisible by the data-parallel size "
-                        f"({c.dp} = {c.world} GPUs / tp {c.tp}); change --gradient_accumulation_steps or the GPUs")
+    try:
+        check_layout(run, c.world, tp=c.tp, gpus_per_node=c.gpus_per_node)
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
 
 
 def local_params(cfg: ModelConfig, tp: int) -> int:
-    """Parameters on one TP rank: everything is split tp ways except the replicated vectors
-    (letngpt.parallel.tensor_parallel's layout)."""
+    """Parameters on one TP rank, from the TP layout's own table (letngpt.parallel.tensor_parallel.TP_PLAN):
+    a split parameter contributes 1/tp, a replicated one all of it."""
     import torch
 
     from letngpt.model import build_model
+    from letngpt.parallel.tensor_parallel import tp_split_dim
 
     with torch.device("meta"):
         model = build_model(cfg)
-    return sum(p.numel() if n.endswith(REPLICATED) else p.numel() // tp for n, p in model.named_parameters())
+    return sum(p.numel() if tp_split_dim(n) is None else p.numel() // tp for n, p in model.named_parameters())
 
 
 def model_states(params: int, largest: int, dp: int, stage: int, weight_bytes: int = 2) -> dict:

@@ -1,4 +1,5 @@
-"""The DeepSpeed engine: config merging, optimizer groups and the learning-rate schedule."""
+"""The DeepSpeed engine: the ZeRO recipe merged with the run's batch and precision, the optimizer's
+parameter groups, the checks before DeepSpeed sees the config, and torch.compile of the blocks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from letngpt.config import ConfigError, TrainConfig
+from letngpt.parallel.layout import ParallelLayout
 
 # The default ZeRO recipes ship inside the package (a wheel has no repository around it);
 # the top-level ds_configs/ is a link to this folder, so there is one copy to edit.
@@ -25,17 +27,11 @@ def resolve_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, train.dtype)
 
 
-def per_rank_accumulation(train: TrainConfig, dp_size: int) -> int:
-    """gradient_accumulation_steps is the global total; each DP rank does its share."""
-    if train.gradient_accumulation_steps % dp_size:
-        raise ConfigError(f"gradient_accumulation_steps ({train.gradient_accumulation_steps}) must be divisible "
-                          f"by the data-parallel size ({dp_size})")
-    return train.gradient_accumulation_steps // dp_size
-
-
-def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype, load_universal: bool = False) -> dict:
+def build_ds_config(train: TrainConfig, layout: ParallelLayout, dtype: torch.dtype,
+                    load_universal: bool = False) -> dict:
     """A ds_configs/ file (the ZeRO recipe) merged with what the run decides: batch sizes,
-    accumulation, clipping and precision. The run's values win, so one file serves every preset."""
+    accumulation (the layout's share per DP rank), clipping and precision. The run's values win, so
+    one file serves every preset."""
     path = Path(train.ds_config) if train.ds_config else DS_CONFIG_DIR / f"zero{train.zero_stage}.json"
     if not path.is_file():
         raise ConfigError(f"ds_config: no such file {path}")
@@ -45,11 +41,11 @@ def build_ds_config(train: TrainConfig, dp_size: int, dtype: torch.dtype, load_u
         raise ConfigError(f"ds_config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"ds_config: {path} must hold a JSON object, not a {type(cfg).__name__}")
-    accum = per_rank_accumulation(train, dp_size)
+    accum = layout.accum
     cfg.update(
         train_micro_batch_size_per_gpu=train.batch_size,
         gradient_accumulation_steps=accum,
-        train_batch_size=train.batch_size * accum * dp_size,
+        train_batch_size=train.batch_size * accum * layout.dp_size,
         gradient_clipping=train.grad_clip,
         zero_allow_untested_optimizer=True,
     )
@@ -122,18 +118,20 @@ def compile_engine(engine, train: TrainConfig) -> None:
         compile_blocks(engine.module)
 
 
-def build_engine(model: nn.Module, train: TrainConfig, dp_size: int, dtype: torch.dtype, mpu=None,
+def build_engine(model: nn.Module, train: TrainConfig, layout: ParallelLayout, dtype: torch.dtype,
                  load_universal: bool = False):
+    """DeepSpeed's engine around `model` (this rank's shard, on its device) with torch's AdamW; returns
+    (engine, the merged ds config, the optimizer)."""
     import deepspeed
 
     check_compile(train, next(model.parameters()).device)
     model.checkpoint_blocks = train.activation_checkpointing  # the model's only knob for it
-    ds_config = build_ds_config(train, dp_size, dtype, load_universal)
+    ds_config = build_ds_config(train, layout, dtype, load_universal)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.learning_rate,
                                   betas=(train.beta1, train.beta2), eps=1e-8, **fused)
-    validate_ds_config(ds_config, train.ds_config or f"zero{train.zero_stage}.json", mpu)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
+    validate_ds_config(ds_config, train.ds_config or f"zero{train.zero_stage}.json", layout.mpu)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=layout.mpu)
     compile_engine(engine, train)
     return engine, ds_config, optimizer
 

@@ -11,6 +11,7 @@ checkpoint whose files match their manifest (checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,10 +42,10 @@ from letngpt.parallel.distributed import (
     on_rank0,
 )
 from letngpt.parallel.layout import ParallelLayout, build_layout
-from letngpt.renorm import PostStepHook
+from letngpt.renorm import Renormalizer
 from letngpt.train import checkpoint
 from letngpt.train.compile import compile_notice
-from letngpt.train.engine import build_engine, per_rank_accumulation, resolve_dtype, set_lr
+from letngpt.train.engine import build_engine, resolve_dtype, set_lr
 from letngpt.train.guard import NonFiniteGuard, finite_or_none, skip_optimizer_step, weights_finite
 from letngpt.train.metrics import (
     MetricsWriter,
@@ -193,8 +194,7 @@ class Job:
     tracker: Tracker
     train_data: TokenData
     val_data: TokenData
-    accum: int
-    post_step: PostStepHook  # renormalisation, then on_step callbacks: once after every step
+    renorm: Renormalizer  # the stage after every applied optimizer step (nGPT's sphere)
     step: int = 0
     wall_before: float = 0.0
     launch_start: float = field(default_factory=time.time)
@@ -208,20 +208,16 @@ class Job:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.run.train.batch_size * self.run.model.block_size * self.accum * self.layout.dp_size
+        return self.run.train.batch_size * self.run.model.block_size * self.layout.accum * self.layout.dp_size
 
 
-def build_model_engine(run: RunConfig, info: DistInfo, layout: ParallelLayout, reshard: bool):
-    t = run.train
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = build_model(run.model)  # the full model on every rank: TP shards are cut from it
-    if t.tp > 1:
-        from letngpt.parallel.tensor_parallel import parallelize_tp
-
-        model = parallelize_tp(model, t.tp)
-    model = model.to(info.device)
-    dtype = resolve_dtype(t, info.device)
-    return build_engine(model, t, layout.dp_size, dtype, mpu=layout.mpu, load_universal=reshard)
+def build_model_engine(run: RunConfig, info: DistInfo, layout: ParallelLayout, reshard: bool = False):
+    """The model (this rank's TP shard of it) inside its DeepSpeed engine: (engine, ds config, optimizer)."""
+    train_cfg = run.train
+    torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
+    model = layout.shard(build_model(run.model))  # the full model on every rank: TP shards are cut from it
+    dtype = resolve_dtype(train_cfg, info.device)
+    return build_engine(model.to(info.device), train_cfg, layout, dtype, load_universal=reshard)
 
 
 def start_tracker(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path, ds_config: dict,
@@ -248,10 +244,10 @@ def log_what_runs(run: RunConfig, device: torch.device) -> None:
         log.info("%s", compile_notice(run.model.n_layer, device, t.zero_stage))
 
 
-def build_job(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path, on_step: Callable | None) -> Job:
+def build_job(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path) -> Job:
     """Data, resume plan, model, engine, tracker: everything before the first step."""
     t = run.train
-    post_step = PostStepHook(run, resolve_dtype(t, info.device), on_step)  # validates the method first
+    renorm = Renormalizer(run, resolve_dtype(t, info.device), layout.dp_group)  # refuses naive x ZeRO 0 x bf16 first
     train_data, val_data = prepare_data(run, info)
     tag, saved = plan_resume(run, out_dir, info)
     if saved and saved["step"] >= t.max_iters:
@@ -269,8 +265,7 @@ def build_job(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: P
     tracker = start_tracker(run, info, layout, out_dir, ds_config, state)
     guard = NonFiniteGuard(engine.module, info.device, t.max_nonfinite_steps)
     return Job(run=run, info=info, layout=layout, out_dir=out_dir, engine=engine, optimizer=optimizer, guard=guard,
-               tracker=tracker, train_data=train_data, val_data=val_data,
-               accum=per_rank_accumulation(t, layout.dp_size), post_step=post_step,
+               tracker=tracker, train_data=train_data, val_data=val_data, renorm=renorm,
                step=state["step"] if state else 0, wall_before=state.get("wall_time", 0.0) if state else 0.0)
 
 
@@ -307,30 +302,32 @@ def run_eval(job: Job, writer: MetricsWriter) -> None:
 MicroBatch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
-def train_step(engine, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, micro_batch: MicroBatch, accum: int,
-               *, step: int, logging_step: bool) -> tuple[torch.Tensor, float | None, bool]:
-    """Optimizer step number `step` over `accum` micro batches (`micro_batch(i)` gives micro batch i
-    on the device). The non-finite guard decides, on all ranks together, whether the step is
-    applied. Returns (summed loss, local grad norm on logging steps, applied).
-
-    It needs only the engine, its torch optimizer and the guard, so bench/ times this very step."""
+def train_step(engine, optimizer: torch.optim.Optimizer, guard: NonFiniteGuard, renormalize: Renormalizer,
+               micro_batch: MicroBatch, accum: int, *, step: int,
+               logging_step: bool) -> tuple[torch.Tensor, float | None, bool]:
+    """Optimizer step number `step`, in four stages: forward/backward over `accum` micro batches
+    (`micro_batch(i)` gives micro batch i on the device); the non-finite decision, taken by the guard
+    on all ranks together; the optimizer step (DeepSpeed applies it at the last micro batch; a bad one
+    is skipped); the renormalisation, after every applied step. Returns (summed loss, local grad norm
+    on logging steps, applied). It needs only the engine, its torch optimizer, the guard and the
+    renormaliser, so bench/ and the tests run this very step."""
     losses, local_grad_norm, skipped = [], None, False
     for micro in range(accum):
         x, y = micro_batch(micro)
         _, loss = engine(x, y)
         guard.watch_loss(loss)
         engine.backward(loss)
+        losses.append(loss.detach().float())  # summed on device: no host sync per micro step
         if micro == accum - 1:
             if logging_step:
                 local_grad_norm = plain_grad_norm(engine)  # DeepSpeed reports none at ZeRO 0 in fp32
             skipped = guard.step_is_bad(step)
-        if skipped:
-            with skip_optimizer_step(optimizer):
-                engine.step()
-        else:
-            engine.step()
-        losses.append(loss.detach().float())  # summed on device: no host sync per micro step
-    return torch.stack(losses).sum(), local_grad_norm, not skipped and engine.was_step_applied()
+        with skip_optimizer_step(optimizer) if skipped else contextlib.nullcontext():
+            engine.step()  # counts the micro batch; applies the update at the last one
+    applied = not skipped and engine.was_step_applied()
+    if applied:
+        renormalize(engine)
+    return torch.stack(losses).sum(), local_grad_norm, applied
 
 
 def job_micro_batch(job: Job, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,7 +335,7 @@ def job_micro_batch(job: Job, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     t, device = job.run.train, job.info.device
     x, y = get_batch(job.train_data, seed=t.seed, step=job.step, micro_step=micro, dp_rank=job.layout.dp_rank,
                      dp_size=job.layout.dp_size, micro_batch=t.batch_size, block_size=job.run.model.block_size,
-                     grad_accum=job.accum)
+                     grad_accum=job.layout.accum)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
@@ -360,7 +357,7 @@ def log_step(job: Job, writer: MetricsWriter, lr: float, loss_sum: torch.Tensor,
     """One line (and one metrics record): step, loss, lr, grad norm, tokens/s over the window, MFU
     on GPU, peak memory, tokens seen and an ETA."""
     info, t = job.info, job.run.train
-    train_loss = all_reduce_mean(loss_sum.item() / job.accum, info.device)
+    train_loss = all_reduce_mean(loss_sum.item() / job.layout.accum, info.device)
     grad_norm = job.engine.get_global_grad_norm()
     grad_norm = local_grad_norm if grad_norm is None else grad_norm
     tok_s, step_time = job.throughput.window()
@@ -368,7 +365,7 @@ def log_step(job: Job, writer: MetricsWriter, lr: float, loss_sum: torch.Tensor,
     job.last = {"train/loss": finite_or_none(train_loss), "lr": lr, "grad_norm": finite_or_none(grad_norm or 0.0),
                 "tokens_per_s": tok_s, "step_time_s": step_time, "memory_mb": memory_mb(info.device),
                 "tokens_seen": float(job.step * job.tokens_per_step), "eta_s": eta,
-                "renorm_bytes": float(job.post_step.bytes_last_step), "skipped_steps": float(job.guard.skipped)}
+                "renorm_bytes": float(job.renorm.bytes_last_step), "skipped_steps": float(job.guard.skipped)}
     util = mfu(job.run.model, tok_s, info.world_size, info.device, t.peak_tflops)
     if util is not None:
         job.last["mfu"] = util
@@ -409,7 +406,7 @@ def save_checkpoint(job: Job) -> None:
 
 
 def step_once(job: Job, writer: MetricsWriter, stop: StopFlag, start_step: int) -> str | None:
-    """Evaluate when due, train one step, run the post-step hook, log, checkpoint when due.
+    """Evaluate when due, train one step, log, checkpoint when due.
     Returns the reason to stop (after a checkpoint), or None to go on."""
     t = job.run.train
     if job.step % t.eval_interval == 0:
@@ -418,11 +415,11 @@ def step_once(job: Job, writer: MetricsWriter, stop: StopFlag, start_step: int) 
     set_lr(job.engine, lr)
     job.timer.start()
     logging_step = (job.step + 1) % t.log_interval == 0 or job.step + 1 == t.max_iters
-    loss_sum, local_grad_norm, applied = train_step(job.engine, job.optimizer, job.guard, partial(job_micro_batch, job),
-                                                    job.accum, step=job.step + 1, logging_step=logging_step)
+    loss_sum, local_grad_norm, applied = train_step(job.engine, job.optimizer, job.guard, job.renorm,
+                                                    partial(job_micro_batch, job), job.layout.accum,
+                                                    step=job.step + 1, logging_step=logging_step)
     job.step += 1
-    job.post_step(job.engine, job.step, applied)
-    job.throughput.add(job.timer.stop(job.info.device) - job.post_step.callback_seconds)
+    job.throughput.add(job.timer.stop(job.info.device))
     if logging_step:
         log_step(job, writer, lr, loss_sum, local_grad_norm, not applied)
     if job.step % t.track_interval == 0:
@@ -494,9 +491,8 @@ def write_summary(job: Job, stop_reason: str) -> dict:
     return summary
 
 
-def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) -> dict:
-    """Run (or resume) a job to completion or a clean stop; returns the summary.
-    `on_step(engine, step)` is called after every optimizer step (tests, instruments)."""
+def train(run: RunConfig) -> dict:
+    """Run (or resume) a job to completion or a clean stop; returns the summary."""
     stop = StopFlag()  # first: a SIGUSR1 that arrives during start-up must not be lost
     info = init_distributed(run.train.device)
     setup_logging(info.is_main)
@@ -506,7 +502,7 @@ def train(run: RunConfig, on_step: Callable[[object, int], None] | None = None) 
     lock = OutDirLock(out_dir)
     on_rank0(lock.acquire, is_main=info.is_main)
     try:
-        return _train_locked(run, info, layout, out_dir, stop, on_step)
+        return _train_locked(run, info, layout, out_dir, stop)
     finally:
         if info.is_main:
             lock.release()
@@ -522,10 +518,9 @@ def finished_summary(out_dir: Path, step: int, max_iters: int) -> dict:
         return {"final_step": step, "stop_reason": "already_finished"}
 
 
-def _train_locked(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path, stop: StopFlag,
-                  on_step: Callable | None) -> dict:
+def _train_locked(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path, stop: StopFlag) -> dict:
     try:
-        job = build_job(run, info, layout, out_dir, on_step)
+        job = build_job(run, info, layout, out_dir)
     except AlreadyFinished as done:
         return finished_summary(out_dir, done.step, run.train.max_iters)
     try:

@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 
+from step_observer import after_every_step
+
 from letngpt.cli import parse
 from letngpt.train.trainer import train
 
@@ -18,7 +20,8 @@ def main() -> None:
         if step == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train(parse(sys.argv[2:]).run, on_step)
+    after_every_step(on_step)
+    train(parse(sys.argv[2:]).run)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from step_observer import after_every_step
 
 from letngpt.cli import parse
 from letngpt.model import LETnGPT
@@ -98,7 +99,8 @@ def main() -> None:
         state["optimizer"] = type(engine.optimizer).__name__
         state["dtype"] = str(next(engine.module.parameters()).dtype)
 
-    summary = train(run, on_step=on_step)
+    after_every_step(on_step)
+    summary = train(run)
     out = Path(run.train.out_dir) / f"nan_rank{rank}.json"
     out.write_text(json.dumps({"records": records, "summary": summary, "optimizer": state.get("optimizer"),
                                "dtype": state.get("dtype")}))

@@ -2,9 +2,10 @@
 checked against. For ZeRO 1, 2, 3 (fp32, CPU, data parallel over both ranks): the bytes of this
 rank's parameters (ZeRO 3: its partition), of the optimizer's fp32 master partition and of Adam's
 moments after one step; the payload of the collectives of one step (the trainer's train_step: forward +
-backward + engine.step per micro batch, counted by letngpt.parallel.comm_counter.CommCounter) and of the
-post-step renormalisation. Engines and layouts are the trainer's (tests/workers/production.py). Then, at
-TP=2, each rank's parameter count. Writes the JSON report given as argv[1] (rank 0)."""
+backward + engine.step per micro batch, counted by letngpt.parallel.comm_counter.CommCounter) and,
+apart, of its last stage, the renormalisation. Engines and layouts are the trainer's
+(tests/workers/production.py). Then, at TP=2, each rank's parameter count. Writes the JSON report
+given as argv[1] (rank 0)."""
 
 from __future__ import annotations
 
@@ -51,16 +52,20 @@ def measure(stage: int, info: DistInfo) -> dict:
     built = build(ModelConfig(**CFG), train, info)
     engine = built.engine
     for n in (1, 2):  # count the second optimizer step: ZeRO 3 settles its persistent parameters in the first
+        renorm_comm = CommCounter()
+
+        def renormalize(engine, counter=renorm_comm) -> None:  # train_step's last stage, counted on its own
+            with counter:
+                built.renorm(engine)
+
         with CommCounter() as step_comm:  # (besides ZeRO's: the non-finite guard's one-float all-reduce)
-            _, _, applied = train_step(engine, built.optimizer, built.guard, micro_batch, built.accum, step=n,
-                                       logging_step=False)
-        with CommCounter() as renorm_comm:
-            built.post_step(engine, n, applied)
+            train_step(engine, built.optimizer, built.guard, renormalize, micro_batch, built.layout.accum, step=n,
+                       logging_step=False)
     params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
     opt = engine.optimizer
     moments = [v for state in opt.optimizer.state.values() for k, v in state.items() if k.startswith("exp_avg")]
     return {"param_bytes": tensor_bytes(params), "master_bytes": tensor_bytes(master_partitions(opt)),
-            "moment_bytes": tensor_bytes(moments), "step_comm_bytes": step_comm.bytes,
+            "moment_bytes": tensor_bytes(moments), "step_comm_bytes": step_comm.bytes - renorm_comm.bytes,
             "step_comm_calls": sorted({name for name, _ in step_comm.calls}), "renorm_bytes": renorm_comm.bytes}
 
 
@@ -71,7 +76,8 @@ def measure_bf16_stage1(info: DistInfo) -> dict:
                         dtype="bfloat16", device="cpu", seed=0)
     built = build(ModelConfig(**CFG), train, info)
     engine = built.engine
-    train_step(engine, built.optimizer, built.guard, micro_batch, built.accum, step=1, logging_step=False)
+    train_step(engine, built.optimizer, built.guard, built.renorm, micro_batch, built.layout.accum, step=1,
+               logging_step=False)
     opt = engine.optimizer
     return {"optimizer": type(opt).__name__, "fp32_grad_bytes": tensor_bytes(opt.fp32_groups_gradients_flat),
             "master_bytes": tensor_bytes(master_partitions(opt)),
@@ -79,12 +85,10 @@ def measure_bf16_stage1(info: DistInfo) -> dict:
 
 
 def tp_local_params(info: DistInfo) -> int:
-    """This rank's TP=2 shard of the model; no engine (its parameter count is the module's)."""
-    from letngpt.parallel.tensor_parallel import parallelize_tp
-
+    """This rank's TP=2 shard of the model, cut by the layout; no engine (the count is the module's)."""
     run = RunConfig(model=ModelConfig(**CFG), train=TrainConfig(tp=2, gradient_accumulation_steps=ACCUM))
-    build_layout(run, info.world_size, info.rank)  # the TP groups
-    return sum(p.numel() for p in parallelize_tp(build_model(run.model), 2).parameters())
+    layout = build_layout(run, info.world_size, info.rank)
+    return sum(p.numel() for p in layout.shard(build_model(run.model)).parameters())
 
 
 def main() -> None:

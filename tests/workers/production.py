@@ -1,6 +1,6 @@
-"""The trainer's own path for the workers: the layout, model, engine, guard and post-step hook as
+"""The trainer's own path for the workers: the layout, model, engine, guard and renormaliser as
 train() builds them (bench.steps.trainer_parts), and one optimizer step as step_once takes it
-(letngpt.train.trainer.train_step, then the post-step renormalisation)."""
+(letngpt.train.trainer.train_step, whose last stage is the renormalisation)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ def build(model: ModelConfig, train: TrainConfig, info: DistInfo) -> TrainerPart
 
 
 def step(parts: TrainerParts, micro_batch: MicroBatch, number: int) -> tuple[float, bool]:
-    """Optimizer step `number` (from 1) over this rank's micro batches, renormalised as the trainer
-    does. Returns (mean micro-batch loss on this rank, applied)."""
-    loss_sum, _, applied = train_step(parts.engine, parts.optimizer, parts.guard, micro_batch, parts.accum,
-                                      step=number, logging_step=False)
-    parts.post_step(parts.engine, number, applied)
-    return float(loss_sum) / parts.accum, applied
+    """Optimizer step `number` (from 1) over this rank's micro batches, renormalisation included.
+    Returns (mean micro-batch loss on this rank, applied)."""
+    loss_sum, _, applied = train_step(parts.engine, parts.optimizer, parts.guard, parts.renorm, micro_batch,
+                                      parts.layout.accum, step=number, logging_step=False)
+    return float(loss_sum) / parts.layout.accum, applied

@@ -97,13 +97,13 @@ def partition_cuts(engine, params: dict, dims: dict) -> list[dict]:
     return out
 
 
-def axis_check_fires(engine, params: dict) -> dict:
+def axis_check_fires(engine, params: dict, dp_group) -> dict:
     """The n_embd / TP assumption must raise before any communication."""
     fired = {}
     module = engine.module
     module.unit_norm_axes = lambda: {"blocks.0.mlp.fc_u.weight": 0}  # fc_u is (4 n_embd, n_embd)
     try:
-        collective_renormalize_(engine)
+        collective_renormalize_(engine, dp_group)
         fired["wrong_axis"] = False
     except ValueError:
         fired["wrong_axis"] = True
@@ -112,7 +112,7 @@ def axis_check_fires(engine, params: dict) -> dict:
     p = params["blocks.0.attn.query.weight"]
     p.tensor_model_parallel, p.partition_dim = True, 1  # pretend TP shards its normalised axis
     try:
-        collective_renormalize_(engine)
+        collective_renormalize_(engine, dp_group)
         fired["tp_sharded_axis"] = False
     except ValueError:
         fired["tp_sharded_axis"] = True
@@ -146,13 +146,14 @@ def run_case(case: str, steps: int, info: DistInfo, tmp: Path) -> dict:
               "cuts": partition_cuts(engine, params, dims), "steps": []}
     for n in range(1, steps + 1):
         x = torch.randint(engine.module.config.vocab_size, (train.batch_size, MODEL.block_size + 1), generator=gen)
-        # train_step alone, not the post-step hook: both methods are run and compared by hand below
-        loss, _, applied = train_step(engine, built.optimizer, built.guard, lambda _m, x=x: (x[:, :-1], x[:, 1:]),
-                                      built.accum, step=n, logging_step=False)
+        # train_step with an empty renormalisation stage: both methods run below, by hand, from one snapshot
+        loss, _, applied = train_step(engine, built.optimizer, built.guard, lambda _engine: None,
+                                      lambda _m, x=x: (x[:, :-1], x[:, 1:]), built.layout.accum, step=n,
+                                      logging_step=False)
         assert applied
         before, _ = masters_and_compute(engine, params)
         with CommCounter() as counter:
-            returned = collective_renormalize_(engine)
+            returned = collective_renormalize_(engine, built.layout.dp_group)
         coll_m, coll_c = masters_and_compute(engine, params)
         restore_masters(engine, params, before)
         renormalize_engine_weights_(engine)
@@ -178,7 +179,7 @@ def run_case(case: str, steps: int, info: DistInfo, tmp: Path) -> dict:
     result["persistent"] = [n for n, p in params.items() if getattr(p, "ds_persist", False)]
     result["seconds"] = time.perf_counter() - t0
     if "axis_check" in opts:
-        result["axis_check"] = axis_check_fires(engine, params)
+        result["axis_check"] = axis_check_fires(engine, params, built.layout.dp_group)
     del engine
     return result
 

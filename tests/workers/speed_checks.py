@@ -61,7 +61,7 @@ def sphere_deviation(engine) -> float:
 def run_steps(cfg: ModelConfig, train: TrainConfig, steps: int, info: DistInfo) -> dict:
     """`steps` optimizer steps of one micro batch per rank, as the trainer takes them (seed 0)."""
     built = build(cfg, train, info)
-    assert built.accum == 1
+    assert built.layout.accum == 1
     losses, deviations = [], []
     for n in range(steps):
         loss, applied = step(built, lambda _micro, n=n: batch(n, built.layout.dp_rank), n + 1)
@@ -115,8 +115,6 @@ def grads_with_and_without(model: torch.nn.Module) -> dict:
 
 
 def checkpointing_checks(info: DistInfo) -> dict:
-    from letngpt.parallel.tensor_parallel import parallelize_tp
-
     cfg = model_config(True, 3)
     # The gradient comparison needs every parameter's gradient of one forward/backward, which an engine
     # step (ZeRO partitions, then zeroes them) does not leave behind: a plain model, as train() builds it.
@@ -129,8 +127,8 @@ def checkpointing_checks(info: DistInfo) -> dict:
         out[f"zero3_engine_{'on' if on else 'off'}"] = run_steps(cfg, train, 3, info)
     tp2 = TrainConfig(zero_stage=1, batch_size=BATCH, gradient_accumulation_steps=1, learning_rate=3e-3,
                       dtype="float32", device="cpu", tp=2, seed=0)
-    build_layout(RunConfig(model=cfg, train=tp2), info.world_size, info.rank)  # the TP groups
-    out["tp2"] = grads_with_and_without(parallelize_tp(full, 2))
+    layout = build_layout(RunConfig(model=cfg, train=tp2), info.world_size, info.rank)
+    out["tp2"] = grads_with_and_without(layout.shard(full))
     for on in (False, True):
         train = dataclasses.replace(tp2, activation_checkpointing=on)
         out[f"tp2_engine_{'on' if on else 'off'}"] = run_steps(cfg, train, 3, info)

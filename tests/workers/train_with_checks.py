@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from step_observer import after_every_step
 
 from letngpt.cli import parse
 from letngpt.parallel.distributed import shutdown
@@ -43,7 +44,8 @@ def main() -> None:
             dev_compute = max(dev_compute, float((compute.norm(dim=dim) - 1).abs().max()))
         worst.append({"step": step, "master": dev_master, "compute": dev_compute})
 
-    summary = train(run, on_step=check)
+    after_every_step(check)
+    summary = train(run)
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = Path(run.train.out_dir) / f"checks_rank{rank}.json"
     out.write_text(json.dumps({"checks": worst, "summary": summary}))
