@@ -72,14 +72,6 @@ def attention_inputs(cfg: ModelConfig, batch_size: int, device: torch.device, dt
     return x, cos, sin, grad
 
 
-def _fwd_bwd(module: nn.Module, x, cos, sin, grad) -> torch.Tensor:
-    x.grad = None
-    module.zero_grad(set_to_none=True)
-    y = module(x, cos, sin)
-    y.backward(grad)
-    return y
-
-
 def _time_fwd_bwd(module: nn.Module, inputs, device: torch.device) -> float:
     x, cos, sin, grad = inputs
     x.grad = None

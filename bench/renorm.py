@@ -4,8 +4,10 @@ and bytes communicated, from ONE run on CPU ranks (gloo).
     torchrun --standalone --nproc_per_node 2 -m bench.renorm            # ZeRO 1, 2, 3; ~1 min on 2 cores
     torchrun --standalone --nproc_per_node 2 -m bench.renorm --stages 3 --n_layer 8 --out out/bench/renorm.json
 
-Each timed step is: forward + backward + engine.step() (the "step"), then the collective method
-(letngpt.renorm.collective.collective_renormalize_), then the naive one (letngpt.renorm: gather every
+The engine is the trainer's (bench.steps.trainer_parts) and each timed step is the trainer's
+train_step with its renormalisation stage left empty: forward + backward + engine.step() (the "step");
+then that stage on its own, the trainer's collective method (letngpt.renorm.Renormalizer over
+collective_renormalize_), then the naive one (letngpt.renorm: gather every
 full fp32 matrix, normalise, write back), each phase between barriers so that it is timed as the
 slowest rank sees it. Both methods leave the same weights, so running both every step changes
 nothing but time. Bytes are counted by wrapping torch.distributed's collectives (and DeepSpeed's
@@ -16,6 +18,7 @@ tensor, the gathered output, the broadcast tensor), per rank. Medians over the t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -25,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from letngpt.parallel.comm_counter import CommCounter
+from letngpt.parallel.distributed import DistInfo
 
-ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -78,29 +81,27 @@ def count_ops(fn) -> dict:
     return {"host_ops": len(host), "cuda_kernels": len(kernels) if torch.cuda.is_available() else None}
 
 
-def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
+def bench_stage(stage: int, args: argparse.Namespace, info: DistInfo) -> dict:
+    from bench.steps import trainer_parts
     from letngpt.config import ModelConfig, RunConfig, TrainConfig
-    from letngpt.model import build_model
-    from letngpt.parallel.layout import build_layout
-    from letngpt.renorm.collective import collective_renormalize_
     from letngpt.renorm.naive import renormalize_engine_weights_
-    from letngpt.train.engine import build_engine
+    from letngpt.train.trainer import train_step
 
     cfg = ModelConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                       n_embd=args.n_embd, n_head=args.n_head, num_maps=args.num_maps, use_ngpt=True)
-    train = TrainConfig(zero_stage=stage, batch_size=args.batch_size, gradient_accumulation_steps=dp_size,
-                        learning_rate=1e-3, dtype=args.dtype, device="cpu")
-    torch.manual_seed(0)
-    layout = build_layout(RunConfig(model=cfg, train=train), dp_size, dist.get_rank())
-    engine, _, _ = build_engine(build_model(cfg), train, layout, getattr(torch, args.dtype))
+    train = TrainConfig(zero_stage=stage, batch_size=args.batch_size, gradient_accumulation_steps=info.world_size,
+                        learning_rate=1e-3, dtype=args.dtype, device="cpu", seed=0)
+    parts = trainer_parts(RunConfig(model=cfg, train=train), info)
+    engine = parts.engine
     naive = stage > 0 or args.dtype == "float32"  # it cannot reach DeepSpeed's bf16 masters at ZeRO 0
     gen = torch.Generator().manual_seed(dist.get_rank())
+    numbers = itertools.count(1)
 
     def step():
         x = torch.randint(cfg.vocab_size, (args.batch_size, cfg.block_size + 1), generator=gen)
-        _, loss = engine(x[:, :-1], x[:, 1:])
-        engine.backward(loss)
-        engine.step()
+        # the renormalisation stage is left empty here: both methods are timed on their own below
+        train_step(engine, parts.optimizer, parts.guard, lambda _engine: None, lambda _micro: (x[:, :-1], x[:, 1:]),
+                   parts.layout.accum, step=next(numbers), logging_step=False)
 
     def counted(method):
         with CommCounter() as c:
@@ -111,13 +112,13 @@ def bench_stage(stage: int, args: argparse.Namespace, dp_size: int) -> dict:
     nbytes = {}
     for i in range(args.warmup + args.steps):
         t_step, _ = _timed(step)
-        t_coll, nbytes["collective"] = _timed(lambda: counted(lambda e: collective_renormalize_(e, layout.dp_group)))
+        t_coll, nbytes["collective"] = _timed(lambda: counted(parts.renorm))  # the trainer's: collective
         t_naive, nbytes["naive"] = _timed(lambda: counted(renormalize_engine_weights_)) if naive else (float("nan"), 0)
         if i >= args.warmup:
             for key, t in (("step", t_step), ("collective", t_coll), ("naive", t_naive)):
                 rows[key].append(t)
     dist.barrier()
-    ops = count_ops(lambda: collective_renormalize_(engine, layout.dp_group))
+    ops = count_ops(lambda: parts.renorm(engine))
     dist.barrier()
     med = {k: statistics.median(v) for k, v in rows.items()}
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(1)
     info = init_distributed("cpu")
-    results = [bench_stage(int(s), args, info.world_size) for s in args.stages.split(",")]
+    results = [bench_stage(int(s), args, info) for s in args.stages.split(",")]
     if info.is_main:
         model = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "num_maps", "vocab_size",
                                                  "block_size", "batch_size")}

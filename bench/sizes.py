@@ -1,4 +1,4 @@
-"""Model sizes and the variants a benchmark compares (GPT, nGPT, LET-nGPT M=3/5, LET-Transformer)."""
+"""Model sizes and the variants a benchmark compares (GPT, nGPT, LET-nGPT with M maps each)."""
 
 from __future__ import annotations
 

@@ -15,14 +15,40 @@ from bench.env import free_memory, is_oom, sync
 from bench.sizes import Variant
 from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.model.flops import flops_per_token
-from letngpt.parallel.distributed import init_distributed
-from letngpt.parallel.layout import build_layout
+from letngpt.parallel.distributed import DistInfo, init_distributed
+from letngpt.parallel.layout import ParallelLayout, build_layout
 from letngpt.renorm import Renormalizer
+from letngpt.train.engine import resolve_dtype
 from letngpt.train.guard import NonFiniteGuard
 from letngpt.train.metrics import device_peak_tflops
 from letngpt.train.trainer import build_model_engine, train_step
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclasses.dataclass
+class TrainerParts:
+    """What train() builds before its first step, less data, tracker and checkpoints."""
+
+    run: RunConfig
+    layout: ParallelLayout
+    engine: object
+    ds_config: dict
+    optimizer: torch.optim.Optimizer
+    guard: NonFiniteGuard
+    renorm: Renormalizer  # train_step's last stage
+
+
+def trainer_parts(run: RunConfig, info: DistInfo, world: int | None = None, rank: int | None = None) -> TrainerParts:
+    """The layout, model, engine, non-finite guard and renormaliser as the trainer builds them
+    (letngpt.train.trainer.build_job), over `world` ranks (default: all of them); initial weights
+    from run.train.seed. Benchmarks and the tests' workers step them with trainer.train_step."""
+    layout = build_layout(run, info.world_size if world is None else world, info.rank if rank is None else rank)
+    renorm = Renormalizer(run, resolve_dtype(run.train, info.device), layout.dp_group)
+    engine, ds_config, optimizer = build_model_engine(run, info, layout, reshard=False)
+    guard = NonFiniteGuard(engine.module, info.device, run.train.max_nonfinite_steps)
+    return TrainerParts(run=run, layout=layout, engine=engine, ds_config=ds_config, optimizer=optimizer, guard=guard,
+                        renorm=renorm)
 
 
 class StepRunner:
@@ -43,13 +69,11 @@ class StepRunner:
         run = RunConfig(model=cfg, train=train, name=name)
         info = init_distributed(str(device))
         # A world of one, or of `tp` ranks that all see the same batch (bench.tp_compile).
-        layout = build_layout(run, info.world_size if tp > 1 else 1, info.rank if tp > 1 else 0)
-        self.engine, _, self.opt = build_model_engine(run, info, layout, reshard=False)
+        parts = trainer_parts(run, info, *((None, None) if tp > 1 else (1, 0)))
+        self.engine, self.opt, self.guard, self.renorm = parts.engine, parts.optimizer, parts.guard, parts.renorm
         self.model = self.engine.module
         if linears_outside_graph:
             megatron_forward_outside_graph_(self.model)
-        self.guard = NonFiniteGuard(self.model, device, max_consecutive=train.max_nonfinite_steps)
-        self.renorm = Renormalizer(run, dtype, layout.dp_group)
         self.optimizer_impl = "fused AdamW" if self.opt.defaults.get("fused") else "AdamW (foreach)"
         self.optimizer_impl += f", DeepSpeed ZeRO {self.engine.zero_optimization_stage()}"
         gen = torch.Generator().manual_seed(seed)

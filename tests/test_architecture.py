@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 
-from conftest import ROOT
+from helpers import ROOT
 
 PACKAGE = ROOT / "letngpt"
 # subpackage -> the letngpt modules/subpackages it may import (itself always allowed)

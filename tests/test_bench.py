@@ -9,17 +9,15 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import subprocess_env
+from helpers import ROOT, subprocess_env
 
 from bench import attention, env, gpu_check, sizes, steps, throughput
 from letngpt.config import ModelConfig
 from letngpt.presets import get_config
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 MICRO = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--vocab_size", "64",
          "--batch_size", "2", "--steps", "2", "--warmup", "1", "--attn-reps", "2", "--memory-steps", "1",

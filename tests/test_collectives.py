@@ -10,12 +10,12 @@ fails the test. A source audit keeps every all-reduce routed through letngpt.par
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import ROOT
 
 from letngpt.config import ModelConfig
 from letngpt.model import build_model
@@ -23,7 +23,6 @@ from letngpt.parallel import distributed
 from letngpt.renorm import collective
 from letngpt.train.metrics import plain_grad_norm
 
-ROOT = Path(__file__).resolve().parents[1]
 META = torch.device("meta")
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, check_ok, subprocess_env
+from helpers import ROOT, check_ok, subprocess_env
 
 from letngpt.compare.curves import Result, pick_baseline, step_ratio, steps_to_target, training_time_at
 from letngpt.compare.runner import main as compare_main

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SHAKESPEARE
+from helpers import ROOT, SHAKESPEARE
 from test_slurm import cluster  # noqa: F401  (the module-scoped cluster fixture)
 
 from letngpt.compare.cost import Resources, RunCost, estimate, sbatch_resources, stages

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import run_train
 
 import letngpt
 from letngpt.cli import parse
 from letngpt.config import ConfigError, ModelConfig, TrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 PRESETS = [
     "GPT_1kctx_10k_lr30e-4", "nGPT_1kctx_10k_lr30e-4", "GPT_4kctx_10k_lr30e-4", "nGPT_4kctx_10k_lr30e-4",
@@ -114,8 +111,7 @@ def test_overrides_and_errors():
 
 
 def run_train_py(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return run_train(list(args), timeout=120)
 
 
 def test_list_configs_cli():
@@ -137,8 +133,7 @@ def test_help_lists_every_field_with_type_value_and_meaning():
 
     from letngpt.config import field_docs
 
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "tiny_nGPT", "--help"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = run_train_py("--config", "tiny_nGPT", "--help")
     assert out.returncode == 0
     lines = out.stdout.splitlines()
     run = letngpt.get_config("tiny_nGPT")

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, require
+from helpers import ROOT, require
 
 from letngpt.parallel.distributed import free_port
 

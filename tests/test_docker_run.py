@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, last_step, require
+from helpers import ROOT, TINY, last_step, require
 
 from letngpt.parallel.distributed import free_port
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import check_ok, run_train
+from helpers import check_ok, run_train
 
 from letngpt.config import ConfigError, RunConfig, TrainConfig
 from letngpt.parallel.layout import build_layout

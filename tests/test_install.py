@@ -19,7 +19,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SHAKESPEARE, subprocess_env
+from helpers import ROOT, SHAKESPEARE, subprocess_env
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY, check_ok, read_metrics, run_train
+from helpers import TINY, check_ok, read_metrics, run_train
 
 import letngpt
 from letngpt.model.flops import PEAK_TFLOPS, peak_tflops

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import last_step, read_metrics, require, start_train, wait_for_step
+from helpers import last_step, read_metrics, require, start_train, wait_for_step
 from test_docker import backend_uri, compose_json
 from test_mlflow_server import DISABLED, TRAIN_TIMEOUT_S, answers, free_port, start_server, train_args
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import TINY, last_step, read_metrics, run_train, start_train, wait_for_step
+from helpers import TINY, last_step, read_metrics, run_train, start_train, wait_for_step
 
 from letngpt.parallel.distributed import free_port
 from letngpt.train import checkpoint

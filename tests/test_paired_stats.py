@@ -11,7 +11,7 @@ import shutil
 import statistics
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from letngpt.compare.curves import Result
 from letngpt.compare.sweep import Group, lr_margin, paired_difference, paired_words, t_quantile

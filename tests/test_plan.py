@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 import pytest
-from conftest import run_train
+from helpers import run_train
 
 from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.presets import get_config

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import check_ok, run_train
+from helpers import check_ok, run_train
 
 from letngpt.model import unit
 from letngpt.renorm.collective import _add_square_sums_, _divide_, _Target, check_normalized_axis
@@ -33,7 +33,7 @@ SPHERE_TOL = 1e-5
 BF16_TOL = 8e-3
 
 
-def launch(tmp_path_factory, nproc: int, cases: list[str]) -> dict[str, list[dict]]:
+def run_cases(tmp_path_factory, nproc: int, cases: list[str]) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp(f"renorm_dp{nproc}")
     check_ok(run_train([f"--out={out}", f"--cases={','.join(cases)}", "--steps=2"], nproc=nproc, script=WORKER,
                        timeout=240))
@@ -44,12 +44,12 @@ def launch(tmp_path_factory, nproc: int, cases: list[str]) -> dict[str, list[dic
 
 @pytest.fixture(scope="module")
 def dp2(tmp_path_factory):
-    return launch(tmp_path_factory, 2, DP2_CASES)
+    return run_cases(tmp_path_factory, 2, DP2_CASES)
 
 
 @pytest.fixture(scope="module")
 def dp4(tmp_path_factory):
-    return launch(tmp_path_factory, 4, DP4_CASES)
+    return run_cases(tmp_path_factory, 4, DP4_CASES)
 
 
 def steps(per_rank: list[dict]) -> list[dict]:

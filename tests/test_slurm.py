@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, read_metrics, require, subprocess_env
+from helpers import ROOT, TINY, read_metrics, require, subprocess_env
 
 CLUSTER_DIR = ROOT / "tests" / "cluster"
 LAUNCHER = ROOT / "slurm" / "launch.sh"

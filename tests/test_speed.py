@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_train, subprocess_env
+from helpers import TINY, run_train, subprocess_env
 
 from letngpt.config import ConfigError, ModelConfig, TrainConfig
 from letngpt.model import build_model

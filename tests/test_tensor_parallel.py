@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import check_ok, read_metrics, run_train, subprocess_env, tiny
+from helpers import check_ok, read_metrics, run_train, subprocess_env, tiny
 
 # 20 fp32 steps of Adam from identical weights and batches; the only difference is the order
 # of floating-point sums (TP's row-parallel all-reduce, DP's gradient average), about 1e-7

@@ -14,12 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from letngpt.parallel.distributed import free_port
 from letngpt.train import tracking
 from letngpt.train.tracking import Tracker, flatten, git_commit
 
-ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {"config": {"model": {"n_layer": 2, "n_embd": 64}, "lr": 3e-3}, "ds": {"zero": {"stage": 2}}}
 FLAT = {"config.model.n_layer": "2", "config.model.n_embd": "64", "config.lr": "0.003", "ds.zero.stage": "2"}
 

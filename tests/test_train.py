@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, check_ok, read_metrics, run_train, start_train, subprocess_env, tiny, wait_for_step
+from helpers import ROOT, check_ok, read_metrics, run_train, start_train, subprocess_env, tiny, wait_for_step
 
 from letngpt.parallel.distributed import free_port
 from letngpt.train import checkpoint

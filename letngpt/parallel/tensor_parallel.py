@@ -25,7 +25,6 @@ import functools
 from fnmatch import fnmatch
 
 import torch
-import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
@@ -253,19 +252,3 @@ def parallelize_tp(model: LETnGPT, tp: int) -> LETnGPT:
             _sum_grad_over_tp(p)
     model.loss = _vocab_parallel_loss  # logits are split by vocabulary
     return model
-
-
-def is_tp_sharded(p: nn.Parameter) -> bool:
-    return bool(getattr(p, "tensor_model_parallel", False))
-
-
-def gather_tp_param(p: nn.Parameter) -> torch.Tensor:
-    """The full tensor of a TP-sharded parameter (tests, checkpoints for sampling)."""
-    from megatron.core.parallel_state import get_tensor_model_parallel_group, get_tensor_model_parallel_world_size
-
-    if not is_tp_sharded(p):
-        return p.detach()
-    size = get_tensor_model_parallel_world_size()
-    parts = [torch.empty_like(p) for _ in range(size)]
-    dist.all_gather(parts, p.detach().contiguous(), group=get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=getattr(p, "partition_dim", 0))

@@ -1,9 +1,10 @@
 """One CPU process: the gradient DeepSpeed accumulates over 32 bf16 micro batches, per ZeRO stage,
 against the same stage's own bf16 micro gradients summed in fp64.
 
-For each stage, an engine from the shipped recipe (letngpt/train/ds_configs/zero{stage}.json) with bf16
-weights and ONE micro batch per step gives each micro batch's gradient (read before an lr = 0 step,
-so the weights never move); /32 is exact, and their fp64 sum is the reference. A second engine with
+For each stage, an engine built as the trainer builds it (tests/workers/production.py: build_layout,
+build_model_engine; the shipped recipe letngpt/train/ds_configs/zero{stage}.json) with bf16 weights
+and ONE micro batch per step gives each micro batch's gradient (read before an lr = 0 step, so the
+weights never move); /32 is exact, and their fp64 sum is the reference. A second engine with
 32 micro batches per step accumulates the same batches; its full gradient is read at the boundary
 with safe_get_full_grad. The micro gradients come from DeepSpeed itself because ZeRO 3's hooks
 change the order in which autograd sums bf16 gradients, so a plain model's differ in the last bit.
@@ -14,18 +15,16 @@ bf16 running sum of the micro gradients, which must exceed 1 for the test to mea
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from pathlib import Path
 
 import torch
+from production import build
 
-from letngpt.config import ModelConfig, RunConfig, TrainConfig
-from letngpt.model import build_model
-from letngpt.parallel.distributed import init_distributed, shutdown
-from letngpt.parallel.layout import build_layout
-from letngpt.train.engine import build_engine, set_lr
+from letngpt.config import ModelConfig, TrainConfig
+from letngpt.parallel.distributed import DistInfo, init_distributed, shutdown
+from letngpt.train.engine import set_lr
 
 MODEL = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, num_maps=3, use_ngpt=True)
 ACCUM, MICRO = 32, 2
@@ -37,11 +36,13 @@ def batches() -> list[torch.Tensor]:
     return [torch.randint(MODEL.vocab_size, (MICRO, MODEL.block_size + 1), generator=gen) for _ in range(ACCUM)]
 
 
-def engine_for(model: torch.nn.Module, stage: int, accum: int):
+def engine_for(stage: int, accum: int, info: DistInfo):
+    """The trainer's engine, same initial weights (seed 0) every time. The steps below stay by hand:
+    the gradients are read between the last backward and the optimizer step, inside train_step."""
     train = TrainConfig(zero_stage=stage, batch_size=MICRO, gradient_accumulation_steps=accum, device="cpu",
-                        dtype="bfloat16")
-    layout = build_layout(RunConfig(model=model.config, train=train), world=1, rank=0)
-    return build_engine(model, train, layout, torch.bfloat16)
+                        dtype="bfloat16", seed=0)
+    built = build(MODEL, train, info)
+    return built.engine, built.ds_config
 
 
 def full_grads(engine) -> dict[str, torch.Tensor]:
@@ -50,9 +51,9 @@ def full_grads(engine) -> dict[str, torch.Tensor]:
     return {name: safe_get_full_grad(p).detach().double() for name, p in engine.module.named_parameters()}
 
 
-def micro_gradients(model: torch.nn.Module, stage: int) -> list[dict[str, torch.Tensor]]:
+def micro_gradients(stage: int, info: DistInfo) -> list[dict[str, torch.Tensor]]:
     """Each micro batch's gradient of loss / ACCUM, as this stage computes it in bf16."""
-    engine, _, _ = engine_for(model, stage, 1)
+    engine, _ = engine_for(stage, 1, info)
     set_lr(engine, 0.0)  # AdamW at lr 0 (weight decay included) leaves every weight as it was
     grads = []
     for x in batches():
@@ -69,15 +70,13 @@ def worst(got: dict, exact: dict, abs_sum: dict) -> float:
                       .clamp_min(1e-45)).max()) for n, e in exact.items())
 
 
-def run_stage(stage: int) -> dict:
-    torch.manual_seed(0)
-    model = build_model(MODEL)
-    micro = micro_gradients(copy.deepcopy(model), stage)
+def run_stage(stage: int, info: DistInfo) -> dict:
+    micro = micro_gradients(stage, info)
     exact = {n: sum(g[n] for g in micro) for n in micro[0]}
     abs_sum = {n: sum(g[n].abs() for g in micro) for n in micro[0]}
     in_bf16 = {n: sum((g[n].to(torch.bfloat16) for g in micro[1:]), micro[0][n].to(torch.bfloat16)).double()
                for n in micro[0]}
-    engine, ds_config, _ = engine_for(model, stage, ACCUM)
+    engine, ds_config = engine_for(stage, ACCUM, info)
     for x in batches():
         _, loss = engine(x[:, :-1], x[:, 1:])
         engine.backward(loss)
@@ -90,8 +89,8 @@ def run_stage(stage: int) -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
-    init_distributed("cpu")
-    results = [run_stage(int(s)) for s in sys.argv[2].split(",")]
+    info = init_distributed("cpu")
+    results = [run_stage(int(s), info) for s in sys.argv[2].split(",")]
     Path(sys.argv[1]).write_text(json.dumps(results, indent=2))
     shutdown()
 

@@ -1,7 +1,8 @@
 """torchrun worker for tests/test_renorm.py: collective vs naive renormalisation, per ZeRO case.
 
-For each case (e.g. `z2`, `z3:bf16`, `z3:persist=2000`) it builds a DeepSpeed engine for a tiny
-nGPT and, after each of a few optimizer steps on random data:
+For each case (e.g. `z2`, `z3:bf16`, `z3:persist=2000`) it builds the trainer's DeepSpeed engine for a
+tiny nGPT (tests/workers/production.py: build_layout, build_model_engine) and, after each of a few
+optimizer steps on random data (the trainer's train_step):
   1. snapshots the full fp32 masters (the state both methods start from),
   2. runs collective_renormalize_ under a byte counter, gathers full masters + compute weights,
   3. restores the masters, runs the naive letngpt.renorm method, gathers again,
@@ -19,15 +20,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from production import build
 
-from letngpt.config import ModelConfig, RunConfig, TrainConfig
-from letngpt.model import build_model, unit
+from letngpt.config import ModelConfig, TrainConfig
+from letngpt.model import unit
 from letngpt.parallel.comm_counter import CommCounter
-from letngpt.parallel.distributed import init_distributed, shutdown
-from letngpt.parallel.layout import build_layout
+from letngpt.parallel.distributed import DistInfo, init_distributed, shutdown
 from letngpt.renorm.collective import collective_renormalize_, full_fp32_masters
 from letngpt.renorm.naive import renormalize_engine_weights_
-from letngpt.train.engine import DS_CONFIG_DIR, build_engine, resolve_dtype
+from letngpt.train.engine import DS_CONFIG_DIR
+from letngpt.train.trainer import train_step
 
 # 3 layers, 131 tokens, n_embd 32: ZeRO 1/2 partitions at DP=4 cut normalised rows mid-row (and a
 # dim-0 matrix mid-memory-row), ZeRO 3 cuts wte's rows mid-row at DP=2 (131 * 32 / 2 = 65.5 rows).
@@ -119,7 +121,7 @@ def axis_check_fires(engine, params: dict, dp_group) -> dict:
     return fired
 
 
-def run_case(case: str, steps: int, dp_size: int, tmp: Path) -> dict:
+def run_case(case: str, steps: int, info: DistInfo, tmp: Path) -> dict:
     t0 = time.perf_counter()
     stage, *opts = case.split(":")
     opts = dict(o.split("=") if "=" in o else (o, "1") for o in opts)
@@ -129,16 +131,12 @@ def run_case(case: str, steps: int, dp_size: int, tmp: Path) -> dict:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = int(opts["persist"])
         ds_config = str(tmp / f"{case.replace(':', '_')}_rank{dist.get_rank()}.json")
         Path(ds_config).write_text(json.dumps(cfg))
-    torch.manual_seed(1234)
     tp = int(opts.get("tp", 1))  # megatron TP x DP; must be the last cases (DeepSpeed keeps the mpu globally)
-    model_cfg = TP_MODEL if tp > 1 else MODEL
-    train = TrainConfig(zero_stage=int(stage[1:]), batch_size=2, gradient_accumulation_steps=dp_size // tp,
-                        learning_rate=2e-2, weight_decay=0.1, grad_clip=1.0, device="cpu", tp=tp,
-                        dtype="bfloat16" if "bf16" in opts else "float32", ds_config=ds_config)
-    layout = build_layout(RunConfig(model=model_cfg, train=train), dist.get_world_size(), dist.get_rank())
-    dp_rank = layout.dp_rank
-    engine, _, _ = build_engine(layout.shard(build_model(model_cfg)), train, layout,
-                                resolve_dtype(train, torch.device("cpu")))
+    train = TrainConfig(zero_stage=int(stage[1:]), batch_size=2, gradient_accumulation_steps=info.world_size // tp,
+                        learning_rate=2e-2, weight_decay=0.1, grad_clip=1.0, device="cpu",
+                        dtype="bfloat16" if "bf16" in opts else "float32", ds_config=ds_config, tp=tp, seed=1234)
+    built = build(TP_MODEL if tp > 1 else MODEL, train, info)
+    engine, dp_rank = built.engine, built.layout.dp_rank
     dims = engine.module.unit_norm_axes()
     named = dict(engine.module.named_parameters())
     params = {name: named[name] for name in dims}
@@ -146,15 +144,16 @@ def run_case(case: str, steps: int, dp_size: int, tmp: Path) -> dict:
     gen = torch.Generator().manual_seed(100 + dp_rank)  # TP ranks of a group see the same batch
     result = {"case": case, "optimizer": type(engine.optimizer).__name__, "expected_bytes": expected_bytes,
               "cuts": partition_cuts(engine, params, dims), "steps": []}
-    for _ in range(steps):
+    for n in range(1, steps + 1):
         x = torch.randint(engine.module.config.vocab_size, (train.batch_size, MODEL.block_size + 1), generator=gen)
-        _, loss = engine(x[:, :-1], x[:, 1:])
-        engine.backward(loss)
-        engine.step()
-        assert engine.was_step_applied()
+        # train_step with an empty renormalisation stage: both methods run below, by hand, from one snapshot
+        loss, _, applied = train_step(engine, built.optimizer, built.guard, lambda _engine: None,
+                                      lambda _m, x=x: (x[:, :-1], x[:, 1:]), built.layout.accum, step=n,
+                                      logging_step=False)
+        assert applied
         before, _ = masters_and_compute(engine, params)
         with CommCounter() as counter:
-            returned = collective_renormalize_(engine, layout.dp_group)
+            returned = collective_renormalize_(engine, built.layout.dp_group)
         coll_m, coll_c = masters_and_compute(engine, params)
         restore_masters(engine, params, before)
         renormalize_engine_weights_(engine)
@@ -180,7 +179,7 @@ def run_case(case: str, steps: int, dp_size: int, tmp: Path) -> dict:
     result["persistent"] = [n for n, p in params.items() if getattr(p, "ds_persist", False)]
     result["seconds"] = time.perf_counter() - t0
     if "axis_check" in opts:
-        result["axis_check"] = axis_check_fires(engine, params, layout.dp_group)
+        result["axis_check"] = axis_check_fires(engine, params, built.layout.dp_group)
     del engine
     return result
 
@@ -195,7 +194,7 @@ def main() -> None:
     info = init_distributed("cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [run_case(case, args.steps, info.world_size, out) for case in args.cases.split(",")]
+    results = [run_case(case, args.steps, info, out) for case in args.cases.split(",")]
     (out / f"rank{info.rank}.json").write_text(json.dumps({"world_size": info.world_size, "results": results}))
     shutdown()
 

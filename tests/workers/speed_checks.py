@@ -1,5 +1,6 @@
 """Under torchrun with 2 ranks: --compile and --activation_checkpointing against the eager, stored
-run, through letngpt.train.engine.build_engine (the trainer's path), from identical weights and batches.
+run, through the trainer's own layout, engine builder, train_step and renormalisation (production.py),
+from identical weights and batches.
 
 1. compile: GPT, nGPT and LET-nGPT M=3 at ZeRO 0 and 1 (data parallel over the 2 ranks), LET-nGPT also
    at ZeRO 2, 3 and at TP=2 ZeRO 1, 5 steps each, eager then compiled: losses, and after every step the
@@ -19,14 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from production import build, step
 
 from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.model import build_model
-from letngpt.parallel.distributed import init_distributed, shutdown
+from letngpt.parallel.distributed import DistInfo, init_distributed, shutdown
 from letngpt.parallel.layout import build_layout
-from letngpt.renorm.collective import collective_renormalize_
 from letngpt.train.compile import blocks_compiled, compile_counts
-from letngpt.train.engine import build_engine
 
 VARIANTS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3)}
 BATCH, CTX, VOCAB = 4, 32, 256
@@ -58,33 +58,28 @@ def sphere_deviation(engine) -> float:
     return worst
 
 
-def run_steps(cfg: ModelConfig, train: TrainConfig, steps: int, tp: int = 1) -> dict:
-    train = dataclasses.replace(train, tp=tp)
-    layout = build_layout(RunConfig(model=cfg, train=train), dist.get_world_size(), dist.get_rank())
-    torch.manual_seed(0)
-    engine, _, _ = build_engine(layout.shard(build_model(cfg)), train, layout, torch.float32)
+def run_steps(cfg: ModelConfig, train: TrainConfig, steps: int, info: DistInfo) -> dict:
+    """`steps` optimizer steps of one micro batch per rank, as the trainer takes them (seed 0)."""
+    built = build(cfg, train, info)
+    assert built.layout.accum == 1
     losses, deviations = [], []
-    dp_rank = layout.dp_rank
-    for step in range(steps):
-        x, y = batch(step, dp_rank)
-        _, loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        collective_renormalize_(engine, layout.dp_group)
-        losses.append(float(loss))
-        deviations.append(sphere_deviation(engine) if cfg.use_ngpt else 0.0)
-    return {"losses": losses, "sphere": deviations, "compiled": blocks_compiled(engine.module)}
+    for n in range(steps):
+        loss, applied = step(built, lambda _micro, n=n: batch(n, built.layout.dp_rank), n + 1)
+        assert applied
+        losses.append(loss)
+        deviations.append(sphere_deviation(built.engine) if cfg.use_ngpt else 0.0)
+    return {"losses": losses, "sphere": deviations, "compiled": blocks_compiled(built.engine.module)}
 
 
-def eager_and_compiled(cfg: ModelConfig, stage: int, tp: int = 1) -> dict:
+def eager_and_compiled(cfg: ModelConfig, stage: int, info: DistInfo, tp: int = 1) -> dict:
     """5 steps eager, then 5 compiled from the same weights; the compiled run's dynamo counts (this
     process's recompilations and graph breaks during it)."""
     runs = {}
     for compiled in (False, True):
         train = TrainConfig(zero_stage=stage, batch_size=BATCH, gradient_accumulation_steps=2 // tp,
-                            learning_rate=3e-3, dtype="float32", device="cpu", compile=compiled, tp=tp)
+                            learning_rate=3e-3, dtype="float32", device="cpu", compile=compiled, tp=tp, seed=0)
         before = compile_counts()
-        runs["compiled" if compiled else "eager"] = run_steps(cfg, train, 5, tp=tp)
+        runs["compiled" if compiled else "eager"] = run_steps(cfg, train, 5, info)
         after = compile_counts()
         runs["compiled" if compiled else "eager"].update(
             recompiles=after["recompiles"] - before["recompiles"],
@@ -93,14 +88,14 @@ def eager_and_compiled(cfg: ModelConfig, stage: int, tp: int = 1) -> dict:
     return runs
 
 
-def compile_checks() -> dict:
+def compile_checks(info: DistInfo) -> dict:
     """Eager then compiled, per variant and stage. ZeRO 1 reuses ZeRO 0's compiled graphs (same model
     code; parameters are graph inputs), so the 6 compiled runs cost 3 compilations. LET-nGPT also at
     ZeRO 2 and 3 (data parallel over the 2 ranks); TP=2 runs in tp_compile_checks, after the TP groups exist."""
     out = {}
     for name, (use_ngpt, maps) in VARIANTS.items():
         for stage in (0, 1, 2, 3) if name == "LETNGPT" else (0, 1):
-            out[f"{name}/zero{stage}"] = eager_and_compiled(model_config(use_ngpt, maps), stage)
+            out[f"{name}/zero{stage}"] = eager_and_compiled(model_config(use_ngpt, maps), stage, info)
     return out
 
 
@@ -119,31 +114,33 @@ def grads_with_and_without(model: torch.nn.Module) -> dict:
             "n_grads": len(g0)}
 
 
-def checkpointing_checks() -> dict:
-    from letngpt.parallel.tensor_parallel import initialize_tp, parallelize_tp
-
+def checkpointing_checks(info: DistInfo) -> dict:
     cfg = model_config(True, 3)
+    # The gradient comparison needs every parameter's gradient of one forward/backward, which an engine
+    # step (ZeRO partitions, then zeroes them) does not leave behind: a plain model, as train() builds it.
     torch.manual_seed(0)
     full = build_model(cfg)
     out = {"tp1": grads_with_and_without(full)}
     for on in (False, True):  # ZeRO 3 gathers the weights again when a block is recomputed
         train = TrainConfig(zero_stage=3, batch_size=BATCH, gradient_accumulation_steps=2, learning_rate=3e-3,
-                            dtype="float32", device="cpu", activation_checkpointing=on)
-        out[f"zero3_engine_{'on' if on else 'off'}"] = run_steps(cfg, train, 3)
-    initialize_tp(2)
-    out["tp2"] = grads_with_and_without(parallelize_tp(full, 2))
+                            dtype="float32", device="cpu", activation_checkpointing=on, seed=0)
+        out[f"zero3_engine_{'on' if on else 'off'}"] = run_steps(cfg, train, 3, info)
+    tp2 = TrainConfig(zero_stage=1, batch_size=BATCH, gradient_accumulation_steps=1, learning_rate=3e-3,
+                      dtype="float32", device="cpu", tp=2, seed=0)
+    layout = build_layout(RunConfig(model=cfg, train=tp2), info.world_size, info.rank)
+    out["tp2"] = grads_with_and_without(layout.shard(full))
     for on in (False, True):
-        train = TrainConfig(zero_stage=1, batch_size=BATCH, gradient_accumulation_steps=1, learning_rate=3e-3,
-                            dtype="float32", device="cpu", activation_checkpointing=on)
-        out[f"tp2_engine_{'on' if on else 'off'}"] = run_steps(cfg, train, 3, tp=2)
+        train = dataclasses.replace(tp2, activation_checkpointing=on)
+        out[f"tp2_engine_{'on' if on else 'off'}"] = run_steps(cfg, train, 3, info)
     return out
 
 
 def main() -> None:
-    init_distributed("cpu")
+    info = init_distributed("cpu")
     torch.set_num_threads(1)
-    report = {"compile": compile_checks(), "checkpointing": checkpointing_checks()}
-    report["compile"]["LETNGPT/tp2_zero1"] = eager_and_compiled(model_config(True, 3), 1, tp=2)
+    report = {"compile": compile_checks(info), "checkpointing": checkpointing_checks(info)}
+    # TP last: DeepSpeed keeps the first TP engine's mpu globally
+    report["compile"]["LETNGPT/tp2_zero1"] = eager_and_compiled(model_config(True, 3), 1, info, tp=2)
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
     shutdown()

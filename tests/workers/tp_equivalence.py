@@ -16,18 +16,26 @@ import torch.distributed as dist
 from letngpt.config import ModelConfig
 from letngpt.model import build_model
 from letngpt.parallel.distributed import init_distributed, shutdown
-from letngpt.parallel.tensor_parallel import gather_tp_param, initialize_tp, parallelize_tp
+from letngpt.parallel.tensor_parallel import initialize_tp, parallelize_tp
 
 VARIANTS = {"GPT": (False, 1), "nGPT": (True, 1), "LETNGPT": (True, 3), "LETNGPT_maps5": (True, 5),
             "LETTransformer": (False, 3)}
 
 
-def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+def gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The whole of a tensor split over the TP group along `dim` (the TP=1 tensor it stands for)."""
     from megatron.core.parallel_state import get_tensor_model_parallel_group, get_tensor_model_parallel_world_size
 
-    parts = [torch.empty_like(logits) for _ in range(get_tensor_model_parallel_world_size())]
-    dist.all_gather(parts, logits.contiguous(), group=get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
+    parts = [torch.empty_like(t) for _ in range(get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, t.detach().contiguous(), group=get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=dim)
+
+
+def gather_tp_param(p: torch.Tensor) -> torch.Tensor:
+    """A parameter (or its gradient, marked alike) whole: gathered where TP shards it, as is where it is replicated."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return p.detach()
+    return gather_tp(p, getattr(p, "partition_dim", 0))
 
 
 def main() -> None:
@@ -48,7 +56,7 @@ def main() -> None:
         logits, loss = sharded(idx, tgt)
         loss.backward()
         report[name] = {
-            "logits": float((gather_vocab(logits) - ref_logits).abs().max()),
+            "logits": float((gather_tp(logits, -1) - ref_logits).abs().max()),
             "loss": abs(float(loss) - float(ref_loss)),
             **compare_params(sharded, dict(full.named_parameters())),
             "local_q_rows": sharded.blocks[0].attn.query.weight.shape[0],
