@@ -16,44 +16,23 @@ from bench.sizes import Variant
 from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.model.flops import flops_per_token
 from letngpt.parallel.distributed import DistInfo, init_distributed
-from letngpt.parallel.layout import ParallelLayout, build_layout
-from letngpt.renorm import Renormalizer
-from letngpt.train.engine import resolve_dtype
-from letngpt.train.guard import NonFiniteGuard
+from letngpt.parallel.layout import build_layout
 from letngpt.train.metrics import device_peak_tflops
-from letngpt.train.trainer import build_model_engine, train_step
+from letngpt.train.trainer import StepParts, build_step_parts, train_step
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-@dataclasses.dataclass
-class TrainerParts:
-    """What train() builds before its first step, less data, tracker and checkpoints."""
-
-    run: RunConfig
-    layout: ParallelLayout
-    engine: object
-    ds_config: dict
-    optimizer: torch.optim.Optimizer
-    guard: NonFiniteGuard
-    renorm: Renormalizer  # train_step's last stage
-
-
-def trainer_parts(run: RunConfig, info: DistInfo, world: int | None = None, rank: int | None = None) -> TrainerParts:
-    """The layout, model, engine, non-finite guard and renormaliser as the trainer builds them
-    (letngpt.train.trainer.build_job), over `world` ranks (default: all of them); initial weights
-    from run.train.seed. Benchmarks and the tests' workers step them with trainer.train_step."""
+def trainer_parts(run: RunConfig, info: DistInfo, world: int | None = None, rank: int | None = None) -> StepParts:
+    """The trainer's StepParts (letngpt.train.trainer.build_step_parts: layout, renormaliser, engine,
+    guard) over `world` ranks (default: all of them); initial weights from run.train.seed."""
     layout = build_layout(run, info.world_size if world is None else world, info.rank if rank is None else rank)
-    renorm = Renormalizer(run, resolve_dtype(run.train, info.device), layout.dp_group)
-    engine, ds_config, optimizer = build_model_engine(run, info, layout, reshard=False)
-    guard = NonFiniteGuard(engine.module, info.device, run.train.max_nonfinite_steps)
-    return TrainerParts(run=run, layout=layout, engine=engine, ds_config=ds_config, optimizer=optimizer, guard=guard,
-                        renorm=renorm)
+    return build_step_parts(run, info, layout)
 
 
 class StepRunner:
     """The trainer's own step on one fixed random batch: the model and DeepSpeed engine built by
-    `trainer.build_model_engine` (a world of one, ZeRO and dtype as a one-process training run
+    `trainer.build_step_parts` (a world of one, ZeRO and dtype as a one-process training run
     has them), the non-finite guard and `trainer.train_step`, whose last stage is the renormalisation.
     `step()` runs and times one step by phase: forward+backward, optimizer (DeepSpeed's step,
     found by wrapping `engine.step`), renormalisation (found by wrapping the renormaliser)."""

@@ -212,6 +212,28 @@ class Job:
         return self.run.train.batch_size * self.run.model.block_size * self.layout.accum * self.layout.dp_size
 
 
+@dataclass
+class StepParts:
+    """What `train_step` needs, built as every run builds it (`build_step_parts`); bench/ and the tests'
+    workers build theirs with the same function, so they run the step users run."""
+
+    layout: ParallelLayout
+    engine: object
+    ds_config: dict
+    optimizer: torch.optim.Optimizer
+    guard: NonFiniteGuard
+    renorm: Renormalizer  # train_step's last stage
+
+
+def build_step_parts(run: RunConfig, info: DistInfo, layout: ParallelLayout, reshard: bool = False) -> StepParts:
+    """The renormaliser (first: it refuses renorm=naive at ZeRO 0 in bf16 before an engine exists), the
+    model inside its DeepSpeed engine, and the non-finite guard."""
+    renorm = Renormalizer(run, resolve_dtype(run.train, info.device), layout.dp_group)
+    engine, ds_config, optimizer = build_model_engine(run, info, layout, reshard)
+    guard = NonFiniteGuard(engine.module, info.device, run.train.max_nonfinite_steps)
+    return StepParts(layout=layout, engine=engine, ds_config=ds_config, optimizer=optimizer, guard=guard, renorm=renorm)
+
+
 def build_model_engine(run: RunConfig, info: DistInfo, layout: ParallelLayout, reshard: bool = False):
     """The model (this rank's TP shard of it) inside its DeepSpeed engine: (engine, ds config, optimizer)."""
     train_cfg = run.train
@@ -249,15 +271,14 @@ def log_what_runs(run: RunConfig, device: torch.device) -> None:
 def build_job(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: Path) -> Job:
     """Data, resume plan, model, engine, tracker: everything before the first step."""
     train_cfg = run.train
-    # first: it refuses renorm=naive at ZeRO 0 in bf16 before any data or engine is touched
-    renorm = Renormalizer(run, resolve_dtype(train_cfg, info.device), layout.dp_group)
     train_data, val_data = prepare_data(run, info)
     tag, saved = plan_resume(run, out_dir, info)
     if saved and saved["step"] >= train_cfg.max_iters:
         raise AlreadyFinished(saved["step"])
     load_tag, reshard = maybe_reshard(out_dir, tag, saved, run, layout.dp_size, info.is_main)
     log_what_runs(run, info.device)
-    engine, ds_config, optimizer = build_model_engine(run, info, layout, reshard)
+    parts = build_step_parts(run, info, layout, reshard)
+    engine, ds_config = parts.engine, parts.ds_config
     state = None
     if load_tag:
         load_tag, state = checkpoint.load_newest(engine, out_dir, load_tag)
@@ -266,9 +287,8 @@ def build_job(run: RunConfig, info: DistInfo, layout: ParallelLayout, out_dir: P
         (out_dir / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2))
         (out_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     tracker = start_tracker(run, info, layout, out_dir, ds_config, state)
-    guard = NonFiniteGuard(engine.module, info.device, train_cfg.max_nonfinite_steps)
-    return Job(run=run, info=info, layout=layout, out_dir=out_dir, engine=engine, optimizer=optimizer, guard=guard,
-               tracker=tracker, train_data=train_data, val_data=val_data, renorm=renorm,
+    return Job(run=run, info=info, layout=layout, out_dir=out_dir, engine=engine, optimizer=parts.optimizer,
+               guard=parts.guard, tracker=tracker, train_data=train_data, val_data=val_data, renorm=parts.renorm,
                step=state["step"] if state else 0, wall_before=state.get("wall_time", 0.0) if state else 0.0)
 
 
