@@ -15,6 +15,7 @@ from letngpt.tools.plan import (
     PERSISTENCE_THRESHOLD,
     Cluster,
     activation_bytes_per_token,
+    check,
     communication,
     local_params,
     main,
@@ -71,7 +72,7 @@ def test_communication_model_matches_counted_bytes(measured, stage):
     persistent = sum(n for n in _sizes(run.model) if n <= PERSISTENCE_THRESHOLD)
     assert 0 < persistent < params  # the config exercises both kinds of ZeRO 3 weights
     cluster = Cluster(nodes=1, gpus_per_node=measured["world"], tp=1, zero_stage=stage)
-    comm = communication(run, cluster, params, persistent, wb=4)
+    comm = communication(run, cluster, check(run, cluster), params, persistent, wb=4)
     got = measured["stages"][str(stage)]
     assert abs(comm["zero"]["payload"] - got["step_comm_bytes"]) <= 0.01 * got["step_comm_bytes"]
     assert comm["renorm"]["payload"] == got["renorm_bytes"] > 0

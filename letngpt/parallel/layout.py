@@ -10,7 +10,7 @@ the same `check_layout`. TP ranks are adjacent (as within a node); ranks `tp` ap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.distributed as dist
 import torch.nn as nn
@@ -55,6 +55,11 @@ def check_model_split(cfg: ModelConfig, tp: int) -> None:
             raise ConfigError(f"{name} ({value}) must be divisible by tp ({tp})")
 
 
+def data_parallel_size(world: int, tp: int) -> int:
+    """dp = world / tp: the ranks that hold the same TP shard and split the batch."""
+    return world // tp
+
+
 def check_layout(run: RunConfig, world: int, *, tp: int | None = None, gpus_per_node: int | None = None) -> int:
     """Every rule a layout must satisfy, as one-line ConfigErrors (no process group needed); returns
     the data-parallel size. `tp` defaults to the run's; `gpus_per_node` (the planner's) keeps a TP
@@ -65,7 +70,7 @@ def check_layout(run: RunConfig, world: int, *, tp: int | None = None, gpus_per_
     if gpus_per_node is not None and gpus_per_node % tp:
         raise ConfigError(f"tp ({tp}) must divide gpus_per_node ({gpus_per_node}): a TP group stays on NVLink")
     check_model_split(run.model, tp)
-    dp = world // tp
+    dp = data_parallel_size(world, tp)
     accum = run.train.gradient_accumulation_steps
     if accum % dp:
         raise ConfigError(f"gradient_accumulation_steps ({accum}) must be divisible by the data-parallel size "
@@ -73,17 +78,25 @@ def check_layout(run: RunConfig, world: int, *, tp: int | None = None, gpus_per_
     return dp
 
 
+def layout_numbers(run: RunConfig, world: int, *, tp: int | None = None,
+                   gpus_per_node: int | None = None) -> ParallelLayout:
+    """Rank 0's layout in a world of `world` processes, checked, without process groups (mpu None): the
+    derived numbers, for build_layout and for the planner's hypothetical cluster."""
+    tp = run.train.tp if tp is None else tp
+    dp = check_layout(run, world, tp=tp, gpus_per_node=gpus_per_node)
+    return ParallelLayout(world=world, rank=0, tp=tp, tp_rank=0, dp_size=dp, dp_rank=0,
+                          accum=run.train.gradient_accumulation_steps // dp, mpu=None)
+
+
 def build_layout(run: RunConfig, world: int, rank: int) -> ParallelLayout:
     """Validate, then create megatron-core's TP x DP groups when tp > 1 (collective)."""
-    dp = check_layout(run, world)
-    tp, accum = run.train.tp, run.train.gradient_accumulation_steps // dp
-    if tp == 1:
-        return ParallelLayout(world=world, rank=rank, tp=1, tp_rank=0, dp_size=world, dp_rank=rank, accum=accum,
-                              mpu=None)
+    numbers = layout_numbers(run, world)
+    if numbers.tp == 1:
+        return replace(numbers, rank=rank, dp_rank=rank)
     from letngpt.parallel.tensor_parallel import MegatronMPU, initialize_tp
 
-    initialize_tp(tp)
+    initialize_tp(numbers.tp)
     mpu = MegatronMPU()
-    return ParallelLayout(world=world, rank=rank, tp=tp, tp_rank=mpu.get_model_parallel_rank(),
-                          dp_size=mpu.get_data_parallel_world_size(), dp_rank=mpu.get_data_parallel_rank(),
-                          accum=accum, mpu=mpu)
+    assert mpu.get_data_parallel_world_size() == numbers.dp_size  # megatron's groups follow the same rule
+    return replace(numbers, rank=rank, tp_rank=mpu.get_model_parallel_rank(), dp_rank=mpu.get_data_parallel_rank(),
+                   mpu=mpu)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from letngpt.config import ConfigError, ModelConfig, RunConfig
 from letngpt.model.flops import PEAK_TFLOPS, flops_per_token
-from letngpt.parallel.layout import check_layout
+from letngpt.parallel.layout import ParallelLayout, data_parallel_size, layout_numbers
 
 GiB = 1024**3
 # name -> (memory GiB, key into letngpt.model.flops.PEAK_TFLOPS: dense bf16)
@@ -60,12 +60,13 @@ class Cluster:
 
     @property
     def dp(self) -> int:
-        return self.world // self.tp
+        return data_parallel_size(self.world, self.tp)
 
 
-def check(run: RunConfig, c: Cluster) -> None:
+def check(run: RunConfig, c: Cluster) -> ParallelLayout:
     """Every combination that cannot run, in one line: the cluster's own limits here, the layout's rules
-    (letngpt.parallel.layout, the trainer's) for this cluster's world and nodes."""
+    (letngpt.parallel.layout, the trainer's) for this cluster's world and nodes. Returns the layout's
+    numbers (dp, micro batches per DP rank) for that cluster."""
     if c.gpu not in GPUS:
         raise PlanError(f"unknown --gpu {c.gpu!r}; one of {', '.join(GPUS)}")
     if min(c.nodes, c.gpus_per_node, c.tp) < 1 or not 0 < c.mfu <= 1:
@@ -73,7 +74,7 @@ def check(run: RunConfig, c: Cluster) -> None:
     if c.zero_stage not in (0, 1, 2, 3):
         raise PlanError(f"--zero_stage ({c.zero_stage}) must be 0, 1, 2 or 3")
     try:
-        check_layout(run, c.world, tp=c.tp, gpus_per_node=c.gpus_per_node)
+        return layout_numbers(run, c.world, tp=c.tp, gpus_per_node=c.gpus_per_node)
     except ConfigError as e:
         raise PlanError(str(e)) from None
 
@@ -242,10 +243,11 @@ def zero_collectives(stage: int, micro: int, params: int, persistent: int, wb: i
             "payload": gathers + micro * grads, "allreduce_payload": 0}
 
 
-def communication(run: RunConfig, c: Cluster, params: int, persistent: int, wb: int = 2) -> dict:
+def communication(run: RunConfig, c: Cluster, layout: ParallelLayout, params: int, persistent: int,
+                  wb: int = 2) -> dict:
     """Payload bytes per GPU per optimizer step, and wire bytes per GPU (ring algorithms) with the link used."""
     m, train_cfg = run.model, run.train
-    micro = train_cfg.gradient_accumulation_steps // c.dp
+    micro = layout.accum
     act = train_cfg.batch_size * m.block_size * m.n_embd * wb  # one [B, T, d] activation
     tp = {"payload": 0, "wire": 0.0}
     if c.tp > 1:  # per micro batch: blocks 2 forward (+2 recomputed) + 5 backward, embedding, head, loss
@@ -253,7 +255,7 @@ def communication(run: RunConfig, c: Cluster, params: int, persistent: int, wb: 
         payload = micro * ((per_block * m.n_layer + 2) * act + 3 * train_cfg.batch_size * m.block_size * 4)
         tp = {"payload": payload, "wire": payload * 2 * (c.tp - 1) / c.tp, "collective": "all-reduce",
               "link": "intra-node"}
-    n = c.dp
+    n = layout.dp_size
     ring = (n - 1) / n
     zero = zero_collectives(c.zero_stage, micro, params, persistent, wb) if n > 1 else {
         "collective": "none (dp 1)", "payload": 0, "allreduce_payload": 0}
@@ -275,13 +277,13 @@ def capacity(run: RunConfig, c: Cluster) -> dict:
 
     from letngpt.model import build_model
 
-    check(run, c)
+    layout = check(run, c)
     m, train_cfg = run.model, run.train
     params = local_params(m, c.tp)
     with torch.device("meta"):
         sizes = [p.numel() // c.tp for p in build_model(m).parameters()]
     largest, persistent = max(sizes), sum(n for n in sizes if n <= PERSISTENCE_THRESHOLD)
-    states = model_states(params, largest, c.dp, c.zero_stage)
+    states = model_states(params, largest, layout.dp_size, c.zero_stage)
     acts = activations(run, c)
     need = states["total"] + acts["total"] + c.overhead_gib * GiB
     capacity = GPUS[c.gpu][0] * GiB
@@ -290,7 +292,7 @@ def capacity(run: RunConfig, c: Cluster) -> dict:
     flops = flops_per_token(m) * tokens * recompute
     peak = PEAK_TFLOPS[GPUS[c.gpu][1]] * 1e12
     compute_s = flops / c.world / (peak * c.mfu)
-    comm = communication(run, c, params, persistent)
+    comm = communication(run, c, layout, params, persistent)
     comm_s = {k: seconds(v["wire"], v.get("link", "intra-node"), c) for k, v in comm.items()}
     step_s = compute_s + sum(comm_s.values())
     return {"run": run.name, "cluster": c.__dict__ | {"world": c.world, "dp": c.dp},
