@@ -3,6 +3,8 @@ and the deterministic batch sampler over those files (loader.py).
 
 Only the exception lives here so that `from letngpt.data import DataError` stays cheap (no torch,
 no tiktoken); import the submodules for the rest.
+
+May import letngpt.fsutil only: the data layer knows nothing of models, training or parallelism.
 """
 
 from __future__ import annotations
