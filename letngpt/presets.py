@@ -15,9 +15,12 @@ decaying to 1e-4, 100 warmup, beta2 0.99, wd 0.1; nanoGPT reports val ~1.88) and
 GPU recipe (6 x 6 x 384, context 256, batch 64, 5000 iterations; val 1.47 with dropout 0.2, which
 this model does not have). nGPT variants again drop weight decay and warmup.
 
-LET-Transformer presets (every context and depth) start the ensemble head norm's gain at ModelConfig's
-default `head_norm_init` (0.1, the best gain of issue 25's sweep on both datasets; before it, gain 1 made
-ensemble heads several times louder than plain ones and cost LET-Transformer 0.38 of BPE val loss).
+LET-Transformer presets start the ensemble head norm's gain at the best point of issue 25's sweep on
+their data (before it, gain 1 made ensemble heads several times louder than plain ones and cost
+LET-Transformer 0.38 of BPE val loss): ModelConfig's default `head_norm_init` 0.1, BPE's best, for the
+GPT-2-token presets (tiny, and the 1k/4k ones: a constant is the same rule at any depth) and for the
+unswept char_gpu recipe; CHAR_HEAD_NORM_INIT 0.3, the character-level sweep's best (0.1 is within its
+seed noise there), for `char_LETTransformer`.
 
 `*_matched` LET presets keep M = 3 maps but shrink the SwiGLU hidden width so that the
 non-embedding parameter count is within 1% of nGPT's: M maps cost (2M + 2) d^2 attention weights
@@ -65,6 +68,7 @@ def _matched(make: Callable[[], RunConfig], multiple: int = 8) -> RunConfig:
 # seed 1337, 2000 steps; GPT family 3e-4..1e-2, nGPT family 1e-3..3e-2, every best inside its grid).
 # nGPT's logit scale and eigen learning rates move at lr * sqrt(d), so its best rate is 3-10x GPT's.
 # LET-Transformer: the best of the gain x lr grid of issue 25 (docs/sweeps/char_tinyshakespeare_head_norm).
+CHAR_HEAD_NORM_INIT = "0.3"  # issue 25's char-level best (docs/sweeps/char_tinyshakespeare_head_norm)
 CHAR_LR = {"GPT": 1e-3, "nGPT": 3e-3, "LETNGPT": 1e-2, "LETNGPT_matched": 3e-3, "LETTransformer": 3e-3}
 # The GPU recipe (d = 384, 5000 steps) has not been swept: GPT's is nanoGPT's; nGPT's PROVISIONAL.
 CHAR_GPU_LR = {"GPT": 1e-3, "nGPT": 1e-2, "LETNGPT": 1e-2, "LETNGPT_matched": 1e-2, "LETTransformer": 3e-3}
@@ -98,6 +102,8 @@ def _char(*, use_ngpt: bool, num_maps: int, lr: float, gpu: bool = False) -> Run
     layers, width, ctx, batch, iters, evals = (6, 384, 256, 64, 5000, 200) if gpu else (4, 128, 64, 12, 2000, 20)
     model = ModelConfig(vocab_size=65, block_size=ctx, n_layer=layers, n_head=layers, n_embd=width,
                         num_maps=num_maps, use_ngpt=use_ngpt)
+    if not gpu:  # only the CPU recipe was swept; LET-nGPT and the one-map families ignore the gain
+        model.head_norm_init = CHAR_HEAD_NORM_INIT
     train = TrainConfig(
         learning_rate=lr, min_lr=lr / 10, max_iters=iters, lr_decay_iters=iters,
         weight_decay=0.0 if use_ngpt else 0.1, warmup_iters=0 if use_ngpt else 100,

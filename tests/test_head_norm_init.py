@@ -103,14 +103,16 @@ def test_checkpoints_from_the_old_init_load_unchanged():
 
 
 def test_every_lettransformer_preset_takes_the_measured_rule_at_its_depth():
-    """The 1k/4k presets (24 layers) start their head norms by the same rule as the swept tiny/char ones
-    (4 layers); the LET-nGPT presets keep gain 1."""
+    """The 1k/4k presets (24 layers, GPT-2 tokens) start their head norms by the rule swept on GPT-2 tokens
+    (tiny, 4 layers), as does the unswept char_gpu recipe; char_LETTransformer takes its own sweep's best
+    (test_compare checks both swept points); the LET-nGPT presets keep gain 1."""
     measured = get_config("tiny_LETTransformer").model
     names = [n for n in list_configs() if "LETTransformer" in n]
     assert {"LETTransformer_1kctx_10k_lr30e-4", "LETTransformer_4kctx_10k_lr30e-4", "char_LETTransformer"} <= set(names)
     for name in names:
         cfg = get_config(name).model
-        assert cfg.head_norm_init == measured.head_norm_init, name
+        if name != "char_LETTransformer":
+            assert cfg.head_norm_init == measured.head_norm_init, name
     for name in (n for n in list_configs() if "LETNGPT" in n):
         cfg = get_config(name).model
         assert all(cfg.head_norm_gain(layer) == 1.0 for layer in range(cfg.n_layer)), name
