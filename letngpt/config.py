@@ -76,8 +76,9 @@ class ModelConfig:
 
         The norm puts every head's output at RMS `gain` whatever its inputs, while a plain head's output
         starts near RMS 0.3-0.6 (an average of value rows over the context), so the gain sets how loud
-        ensemble heads start. The default, 0.1, is the best of issue 25's gain x lr sweep (README
-        "Results"); gain 1 (the init before it) cost 0.38 of val loss on BPE Tiny Shakespeare. `difft` is
+        ensemble heads start. The default, 0.1, is the best of issue 25's gain x lr sweep on GPT-2 tokens
+        (char_LETTransformer takes the char-level best, 0.3; README "Results"); gain 1 (the init before
+        it) cost 0.38 of val loss on BPE Tiny Shakespeare. `difft` is
         the Differential Transformer's depth schedule 1 - lambda_init(l), lambda_init(l) = 0.8 -
         0.6 exp(-0.3 l) (0.8 down to 0.44 over 4 layers). nGPT ignores the setting: there the block output
         is normalised after the projection, so a gain shared by a layer's heads cancels at init, and a

@@ -67,8 +67,9 @@ def _matched(make: Callable[[], RunConfig], multiple: int = 8) -> RunConfig:
 # Char-level CPU recipe: each family's best rate in the sweep's grid (docs/sweeps/char_tinyshakespeare,
 # seed 1337, 2000 steps; GPT family 3e-4..1e-2, nGPT family 1e-3..3e-2, every best inside its grid).
 # nGPT's logit scale and eigen learning rates move at lr * sqrt(d), so its best rate is 3-10x GPT's.
-# LET-Transformer: the best of the gain x lr grid of issue 25 (docs/sweeps/char_tinyshakespeare_head_norm).
-CHAR_HEAD_NORM_INIT = "0.3"  # issue 25's char-level best (docs/sweeps/char_tinyshakespeare_head_norm)
+# LET-Transformer: rate and head-norm gain are the best of issue 25's gain x lr grid
+# (docs/sweeps/char_tinyshakespeare_head_norm).
+CHAR_HEAD_NORM_INIT = "0.3"
 CHAR_LR = {"GPT": 1e-3, "nGPT": 3e-3, "LETNGPT": 1e-2, "LETNGPT_matched": 3e-3, "LETTransformer": 3e-3}
 # The GPU recipe (d = 384, 5000 steps) has not been swept: GPT's is nanoGPT's; nGPT's PROVISIONAL.
 CHAR_GPU_LR = {"GPT": 1e-3, "nGPT": 1e-2, "LETNGPT": 1e-2, "LETNGPT_matched": 1e-2, "LETTransformer": 3e-3}

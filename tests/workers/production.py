@@ -1,18 +1,19 @@
 """The trainer's own path for the workers: the layout, model, engine, guard and renormaliser as train()
-builds them (letngpt.train.trainer.build_step_parts, via bench.steps.trainer_parts), and one optimizer step
-as step_once takes it (letngpt.train.trainer.train_step, whose last stage is the renormalisation)."""
+builds them (letngpt.parallel.layout.build_layout, letngpt.train.trainer.build_step_parts), and one optimizer
+step as step_once takes it (letngpt.train.trainer.train_step, whose last stage is the renormalisation)."""
 
 from __future__ import annotations
 
-from bench.steps import trainer_parts
 from letngpt.config import ModelConfig, RunConfig, TrainConfig
 from letngpt.parallel.distributed import DistInfo
-from letngpt.train.trainer import MicroBatch, StepParts, train_step
+from letngpt.parallel.layout import build_layout
+from letngpt.train.trainer import MicroBatch, StepParts, build_step_parts, train_step
 
 
 def build(model: ModelConfig, train: TrainConfig, info: DistInfo) -> StepParts:
     """Over every rank of the world; initial weights from train.seed, TP-sharded when train.tp > 1."""
-    return trainer_parts(RunConfig(model=model, train=train), info)
+    run = RunConfig(model=model, train=train)
+    return build_step_parts(run, info, build_layout(run, info.world_size, info.rank))
 
 
 def step(parts: StepParts, micro_batch: MicroBatch, number: int) -> tuple[float, bool]:
